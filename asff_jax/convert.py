@@ -1,0 +1,354 @@
+"""Official PyTorch ASFF weights → Flax variables, and the ``convert`` CLI.
+
+Library use::
+
+    from asff_jax.convert import variables_from_official
+    variables = variables_from_official(state_dict, config)          # strict
+    variables, report = variables_from_official(sd, config, strict=False,
+                                                return_report=True)   # partial
+
+CLI (needs the ``convert`` extra, i.e. torch)::
+
+    python -m asff_jax.convert --pth YOLOv3-ASFF_40.6.pth \
+        --config configs/coco_asff_608.py --out DIR [--non_strict]
+
+writes an orbax checkpoint ``DIR/checkpoints/0/`` holding
+``{'params', 'batch_stats'}`` and the resolved config ``DIR/config.json``.
+
+Name mapping (by rule, from the Flax variable path):
+
+==========================================  ===========================================
+Flax path                                   official state_dict name
+==========================================  ===========================================
+``backbone/layer_i``                        ``module_list.i``
+``neck/layer_i``                            ``module_list.i`` (ASFF numbering; the
+                                            baseline's is shifted, spec §2)
+``…/block_b_conv_k``                        ``…module_list.b.k`` (residual blocks)
+``fusion_l/[resize/]X``                     ``level_l_fusion.X`` (ASFF)
+``fusion_0/conv``, ``fusion_1/conv``        ``module_list.18``, ``module_list.27`` (baseline)
+``head_l/…``                                ``level_l_header.…`` (ASFF);
+                                            ``module_list.{19,28,37}.…`` (baseline)
+``feature_adaption``, ``rfb/branch_b_k``    ``Feature_adaption``, ``rfb.branch_b.k``
+``conv/kernel`` (kh, kw, I, O)              ``conv.weight`` (O, I, kh, kw)
+``batch_norm/{scale,bias}``                 ``batch_norm.{weight,bias}``
+``batch_stats …/{mean,var}``                ``batch_norm.running_{mean,var}``
+==========================================  ===========================================
+
+``num_batches_tracked`` entries are accepted and ignored. The ``'sum'`` and
+``'concat'`` variants have no official checkpoint; their backbone, neck and
+resize convs map like ASFF's, so ``strict=False`` loads those parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asff_jax.models import create_model, model_config
+
+_BASELINE_HEAD = {0: 19, 1: 28, 2: 37}
+_BASELINE_FUSION_CONV = {0: 18, 1: 27}
+
+
+def _neck_index(i: int, fusion: str) -> int:
+  if fusion != "none" or i <= 17:
+    return i
+  return i + 2 if i <= 24 else i + 4
+
+
+def official_module_name(path: tuple[str, ...], fusion: str) -> str:
+  """Official module prefix for a Flax module path (without collection and leaf).
+
+  Raises:
+    KeyError: if the path has no official counterpart.
+  """
+  top, rest = path[0], list(path[1:])
+  out: list[str] = []
+  m = re.fullmatch(r"layer_(\d+)", rest[0]) if rest else None
+  if top in ("backbone", "neck"):
+    if not m:
+      raise KeyError("/".join(path))
+    i = int(m.group(1))
+    out.append(f"module_list.{_neck_index(i, fusion) if top == 'neck' else i}")
+    rest = rest[1:]
+  elif (mf := re.fullmatch(r"fusion_(\d)", top)):
+    l = int(mf.group(1))
+    if fusion == "none":
+      if rest[:1] != ["conv"] or l not in _BASELINE_FUSION_CONV:
+        raise KeyError("/".join(path))
+      out.append(f"module_list.{_BASELINE_FUSION_CONV[l]}")
+      rest = rest[1:]
+    else:
+      out.append(f"level_{l}_fusion")
+      if rest[:1] == ["resize"]:
+        rest = rest[1:]
+  elif (mh := re.fullmatch(r"head_(\d)", top)):
+    l = int(mh.group(1))
+    out.append(f"module_list.{_BASELINE_HEAD[l]}" if fusion == "none" else f"level_{l}_header")
+  else:
+    raise KeyError("/".join(path))
+  for seg in rest:
+    if (mb := re.fullmatch(r"block_(\d+)_conv_(\d)", seg)):
+      out.append(f"module_list.{mb.group(1)}.{mb.group(2)}")
+    elif (mr := re.fullmatch(r"branch_(\d)_(\d)", seg)):
+      out.append(f"branch_{mr.group(1)}.{mr.group(2)}")
+    elif seg == "feature_adaption":
+      out.append("Feature_adaption")
+    else:
+      out.append(seg)
+  return ".".join(out)
+
+
+@dataclasses.dataclass
+class _Leaf:
+  collection: str
+  path: tuple[str, ...]  # module path
+  leaf: str
+  shape: tuple[int, ...]
+  official: str
+  official_shape: tuple[int, ...]
+  transpose: bool
+
+
+def _leaf_spec(collection, path, leaf, shape, fusion) -> _Leaf:
+  prefix = official_module_name(path, fusion)
+  is_bn = path[-1] == "batch_norm"
+  if collection == "batch_stats":
+    name = {"mean": "running_mean", "var": "running_var"}[leaf]
+  elif is_bn:
+    name = {"scale": "weight", "bias": "bias"}[leaf]
+  else:
+    name = {"kernel": "weight", "bias": "bias"}[leaf]
+  transpose = leaf == "kernel" and len(shape) == 4
+  oshape = (shape[3], shape[2], shape[0], shape[1]) if transpose else tuple(shape)
+  return _Leaf(collection, path, leaf, tuple(shape), f"{prefix}.{name}", oshape, transpose)
+
+
+def expected_layout(config, input_hw=(64, 64)) -> list[_Leaf]:
+  """Every Flax variable of ``create_model(config)`` with its official name and shape.
+
+  Uses ``jax.eval_shape`` (no parameters are computed).
+
+  Raises:
+    KeyError: if a variable has no official counterpart (should not happen for
+      the official variants).
+  """
+  model = create_model(config)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_hw, 3), jnp.float32))
+  fusion = model_config(config).fusion
+  leaves = []
+  for coll in ("params", "batch_stats"):
+    flat = jax.tree_util.tree_flatten_with_path(shapes.get(coll, {}))[0]
+    for keypath, sds in flat:
+      keys = tuple(k.key for k in keypath)
+      leaves.append(_leaf_spec(coll, keys[:-1], keys[-1], sds.shape, fusion))
+  return leaves
+
+
+def _to_numpy(v) -> np.ndarray:
+  if hasattr(v, "detach"):  # torch tensor, without importing torch
+    v = v.detach().cpu().numpy()
+  return np.asarray(v)
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What :func:`variables_from_official` loaded.
+
+  Attributes:
+    loaded: official names copied into the variables.
+    missing: official names the model expects but the state dict lacks (kept
+      from ``base_variables``).
+    unexpected: state-dict names that match no model variable.
+    mismatched: ``(name, expected_shape, got_shape)`` triples.
+    ignored: names skipped on purpose (``num_batches_tracked``).
+  """
+
+  loaded: list
+  missing: list
+  unexpected: list
+  mismatched: list
+  ignored: list
+
+  def __str__(self) -> str:
+    lines = [f"loaded {len(self.loaded)} tensors, missing {len(self.missing)}, "
+             f"unexpected {len(self.unexpected)}, shape-mismatched {len(self.mismatched)}, "
+             f"ignored {len(self.ignored)}"]
+    for title, items in (("missing", self.missing), ("unexpected", self.unexpected),
+                         ("mismatched", [f"{n}: expected {e}, got {g}" for n, e, g in self.mismatched])):
+      for it in items[:20]:
+        lines.append(f"  {title}: {it}")
+      if len(items) > 20:
+        lines.append(f"  ... and {len(items) - 20} more {title}")
+    return "\n".join(lines)
+
+
+def strip_state_dict(obj: Mapping[str, Any]) -> dict:
+  """Unwraps a loaded official checkpoint: a ``'model'``/``'state_dict'`` entry and ``module.`` prefixes.
+
+  Raises:
+    ValueError: if no mapping of tensors can be found.
+  """
+  for key in ("model", "state_dict"):
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+      obj = obj[key]
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+  out = {}
+  for k, v in obj.items():
+    k = k[len("module."):] if k.startswith("module.") else k
+    out[k] = v
+  return out
+
+
+def variables_from_official(state_dict: Mapping[str, Any], config, *, strict: bool = True,
+                            base_variables=None, return_report: bool = False):
+  """Maps an official state dict to Flax ``{'params': ..., 'batch_stats': ...}``.
+
+  Args:
+    state_dict: official name → array (numpy array or torch tensor). A
+      ``'model'``/``'state_dict'`` wrapper and ``module.`` prefixes are removed.
+    config: full config or its ``model`` section (must describe the same
+      variant: ``fusion``, ``rfb``, ``num_classes``, ``width``...).
+    strict: if True, any missing, unexpected or mis-shaped key is an error. If
+      False, what matches is loaded and the rest comes from ``base_variables``
+      (or a fresh ``init`` with seed 0 if None); mis-shaped keys are still
+      reported and skipped.
+    base_variables: variables supplying what the state dict lacks (``strict=False``).
+    return_report: also return a :class:`LoadReport`.
+
+  Returns:
+    ``variables`` (float32 numpy leaves), or ``(variables, report)``.
+
+  Raises:
+    ValueError: in strict mode, listing every missing / unexpected key and every
+      shape mismatch with both shapes (e.g. loading ``--asff --rfb`` weights
+      into an ASFF config fails on ``weight_level_*`` with 16 vs 8 channels).
+  """
+  sd = strip_state_dict(state_dict)
+  layout = expected_layout(config)
+  by_name = {leaf.official: leaf for leaf in layout}
+  ignored = sorted(k for k in sd if k.endswith("num_batches_tracked"))
+  unexpected = sorted(k for k in sd if k not in by_name and not k.endswith("num_batches_tracked"))
+  missing, mismatched, loaded = [], [], []
+  values = {}
+  for leaf in layout:
+    if leaf.official not in sd:
+      missing.append(leaf.official)
+      continue
+    arr = _to_numpy(sd[leaf.official])
+    if tuple(arr.shape) != leaf.official_shape:
+      mismatched.append((leaf.official, leaf.official_shape, tuple(arr.shape)))
+      continue
+    arr = arr.astype(np.float32)
+    if leaf.transpose:
+      arr = np.ascontiguousarray(arr.transpose(2, 3, 1, 0))
+    values[(leaf.collection, *leaf.path, leaf.leaf)] = arr
+    loaded.append(leaf.official)
+  report = LoadReport(loaded, missing, unexpected, mismatched, ignored)
+  if strict and (missing or unexpected or mismatched):
+    raise ValueError("official state dict does not match the model config "
+                     f"(fusion={model_config(config).fusion!r}, rfb={model_config(config).rfb}):\n{report}")
+  if missing:
+    if base_variables is None:
+      model = create_model(config)
+      base_variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    base = jax.tree_util.tree_flatten_with_path(base_variables)[0]
+    for keypath, v in base:
+      key = tuple(k.key for k in keypath)
+      values.setdefault(key, np.asarray(v, np.float32))
+  variables: dict = {}
+  for key, arr in values.items():
+    node = variables
+    for k in key[:-1]:
+      node = node.setdefault(k, {})
+    node[key[-1]] = arr
+  return (variables, report) if return_report else variables
+
+
+def variables_to_official(variables, config) -> dict[str, np.ndarray]:
+  """Inverse of :func:`variables_from_official`: Flax variables → official-format state dict.
+
+  Useful to hand weights trained here to the official PyTorch code, and for
+  round-trip tests. ``num_batches_tracked`` is not produced.
+
+  Raises:
+    KeyError: if ``variables`` lacks a variable the config's model has.
+  """
+  out = {}
+  for leaf in expected_layout(config):
+    node = variables[leaf.collection]
+    for k in (*leaf.path, leaf.leaf):
+      node = node[k]
+    arr = np.asarray(node, np.float32)
+    out[leaf.official] = np.ascontiguousarray(arr.transpose(3, 2, 0, 1)) if leaf.transpose else arr
+  return out
+
+
+def load_official_checkpoint(path: str) -> dict:
+  """Reads an official ``.pth`` safely (``torch.load(weights_only=True)``) and strips wrappers.
+
+  Raises:
+    ImportError: if torch is not installed (``pip install asff_jax[convert]``).
+    FileNotFoundError / ValueError: for a missing or unreadable file.
+  """
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("reading .pth files needs torch: pip install 'asff_jax[convert]'") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # noqa: BLE001 — name the file in the error
+    raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from e
+  return strip_state_dict(obj)
+
+
+def save_converted(out_dir: str, variables, config) -> str:
+  """Writes ``variables`` as orbax checkpoint step 0 under ``out_dir/checkpoints`` and ``out_dir/config.json``."""
+  import os  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
+  mngr = ocp.CheckpointManager(os.path.join(out_dir, "checkpoints"))
+  mngr.save(0, args=ocp.args.StandardSave(jax.tree.map(jnp.asarray, variables)), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return out_dir
+
+
+def main(argv=None):
+  """CLI entry point: ``python -m asff_jax.convert --pth F --config C --out DIR``."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_string("pth", None, "official .pth checkpoint", required=True)
+  flags.DEFINE_string("out", None, "output directory", required=True)
+  flags.DEFINE_bool("non_strict", False, "load a partial checkpoint (e.g. the Darknet-53 backbone file)")
+  config_flags.DEFINE_config_file("config", None, "config file describing the same model variant")
+  flags.mark_flags_as_required(["config"])
+
+  def _run(_):
+    f = flags.FLAGS
+    sd = load_official_checkpoint(f.pth)
+    variables, report = variables_from_official(sd, f.config, strict=not f.non_strict, return_report=True)
+    print(report)
+    out = save_converted(f.out, variables, f.config)
+    print(f"wrote {out}/checkpoints/0 and {out}/config.json")
+
+  app.run(_run, argv=argv)
+
+
+if __name__ == "__main__":
+  main()

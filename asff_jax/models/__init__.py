@@ -1,0 +1,52 @@
+"""Detector models. Entry point: :func:`create_model`."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from asff_jax.models.config import (ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES, YOLOV3_ANCHORS,
+                                    default_model_config, resolve_anchors)
+from asff_jax.models.detector import YOLOv3
+from asff_jax.models.fusion import FUSIONS
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_config(config) -> ml_collections.ConfigDict:
+  """The model section of ``config`` (a full config with ``.model`` or the section itself)."""
+  return config.model if "model" in config else config
+
+
+def create_model(config) -> YOLOv3:
+  """Builds the Flax detector from ``config.model`` (or a model config section).
+
+  ``create_model(cfg).apply(variables, images, train=False)`` with images
+  ``(B, H, W, 3)`` float32 ImageNet-normalised returns the dict documented on
+  :class:`~asff_jax.models.detector.YOLOv3` (``'pred'``, ``'levels'``, ...).
+
+  Raises:
+    ValueError: for an unknown fusion, dtype or anchor set.
+  """
+  m = model_config(config)
+  if m.fusion not in FUSIONS:
+    raise ValueError(f"model.fusion must be one of {FUSIONS}, got {m.fusion!r}")
+  if m.dtype not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, got {m.dtype!r}")
+  compress_c = m.get("compress_c", None)
+  if compress_c is None:
+    compress_c = 8 if m.rfb else 16
+  return YOLOv3(
+      num_classes=int(m.num_classes),
+      fusion=m.fusion,
+      rfb=bool(m.rfb),
+      compress_c=int(compress_c),
+      anchors=resolve_anchors(m.anchors),
+      width=float(m.width),
+      stage_blocks=tuple(int(b) for b in m.stage_blocks),
+      dtype=_DTYPES[m.dtype],
+  )
+
+
+__all__ = ["create_model", "default_model_config", "model_config", "YOLOv3", "FUSIONS",
+           "ANCHOR_MASKS", "STRIDES", "OFFICIAL_ANCHORS", "YOLOV3_ANCHORS", "resolve_anchors"]

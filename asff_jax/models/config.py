@@ -1,0 +1,62 @@
+"""Default model configuration (``config.model``) and the anchor sets.
+
+Keys (all overridable with ``--config.model.KEY=VALUE``):
+
+* ``num_classes``: 80 for COCO.
+* ``fusion``: ``'asff'`` (paper Eq. 1–2), ``'none'`` (official strong
+  baseline), ``'sum'`` or ``'concat'`` (paper Table 3 alternatives).
+* ``rfb``: RFB block in each head before the DCN, compress_c 8 (ASFF*).
+* ``dropblock``: enables the DropBlock layers (the training schedule passes the
+  block sizes and keep probability per step; identity at eval).
+* ``anchors``: ``'official'`` (YOLOv3 set with the official (121, 240) in
+  place of (373, 326), spec §4/§12), ``'yolov3'`` (the original set), or an
+  explicit list of 9 ``(w, h)`` pairs in input pixels, sorted small→large.
+* ``width``: channel multiplier (1.0 = official; e.g. 0.25 for CPU tests).
+* ``stage_blocks``: Darknet residual blocks per stage (official (1, 2, 8, 8, 4)).
+* ``compress_c``: ASFF weight-conv channels; None → 16, or 8 with RFB.
+* ``dtype``: ``'float32'``, or ``'bfloat16'`` (bf16 compute, float32 params).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+OFFICIAL_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119),
+                    (116, 90), (156, 198), (121, 240))
+YOLOV3_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (42, 119),
+                  (116, 90), (156, 198), (373, 326))
+# Anchor indices per level; level 0 is stride 32 (spec §4).
+ANCHOR_MASKS = ((6, 7, 8), (3, 4, 5), (0, 1, 2))
+STRIDES = (32, 16, 8)
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """The official ASFF model (``--asff``, 40.6 AP configuration) at full width."""
+  c = ml_collections.ConfigDict()
+  c.num_classes = 80
+  c.fusion = "asff"
+  c.rfb = False
+  c.dropblock = False
+  c.anchors = "official"
+  c.width = 1.0
+  c.stage_blocks = (1, 2, 8, 8, 4)
+  c.compress_c = ml_collections.config_dict.placeholder(int)
+  c.dtype = "float32"
+  return c
+
+
+def resolve_anchors(anchors):
+  """``'official' | 'yolov3' | sequence of 9 (w, h)`` → tuple of 9 float pairs.
+
+  Raises:
+    ValueError: for an unknown name or a list that is not 9 positive pairs.
+  """
+  if isinstance(anchors, str):
+    table = {"official": OFFICIAL_ANCHORS, "yolov3": YOLOV3_ANCHORS}
+    if anchors not in table:
+      raise ValueError(f"model.anchors: unknown anchor set {anchors!r}; use 'official', 'yolov3' or 9 (w, h) pairs")
+    anchors = table[anchors]
+  out = tuple((float(a[0]), float(a[1])) for a in anchors)
+  if len(out) != 9 or any(w <= 0 or h <= 0 for w, h in out):
+    raise ValueError(f"model.anchors must be 9 positive (w, h) pairs, got {anchors!r}")
+  return out

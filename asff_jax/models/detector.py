@@ -1,0 +1,92 @@
+"""The full detector: Darknet-53 → neck → fusion → guided-anchor heads → decoded ``pred``.
+
+One module assembled from the config (``config.model``, see
+:mod:`asff_jax.models.config`) covers the official baseline, ASFF, ASFF* and
+the Table 3 sum/concat variants.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from asff_jax.models.config import ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES
+from asff_jax.models.darknet import OFFICIAL_STAGE_BLOCKS, Darknet53
+from asff_jax.models.fusion import LevelFusion
+from asff_jax.models.head import GuidedAnchorHead, decode_level, level_anchor_bases
+from asff_jax.models.neck import YoloNeck
+
+
+class YOLOv3(nn.Module):
+  """YOLOv3 strong baseline with optional ASFF (spec §2–§4).
+
+  Attributes:
+    num_classes: C.
+    fusion: ``'asff' | 'none' | 'sum' | 'concat'``.
+    rfb: RFB in the heads (ASFF*).
+    compress_c: ASFF weight-conv channels (16; 8 with RFB).
+    anchors: 9 prior (w, h) pairs in input pixels.
+    width, stage_blocks, dtype: see :mod:`asff_jax.models.config`.
+
+  ``__call__(images, train=False, dropblock=None)``:
+
+  * ``images``: ``(B, H, W, 3)`` float, ImageNet-normalised RGB, H and W
+    multiples of 32.
+  * ``train``: batch statistics in BN (pass ``mutable=['batch_stats']``).
+  * ``dropblock``: None, or three ``(block_size, keep_prob)`` for the DropBlock
+    positions (coarsest first), used only when ``train``; needs the
+    ``'dropblock'`` RNG.
+
+  Returns a dict:
+
+  * ``'pred'``: ``(B, N, 5 + C)`` float32, N = 4·Σ H_l·W_l, the official row
+    order (levels stride 32, 16, 8; slot-major, then y, then x) and columns
+    (cx, cy, w, h in input pixels, objectness prob., class probs.).
+  * ``'levels'``: list of 3 dicts (level 0 = stride 32), each with ``'raw'``
+    ``(B, H, W, 4·(5 + C))``, ``'guide_wh'`` ``(B, H, W, 8)``, ``'offset'``
+    ``(B, H, W, 72)``, ``'adapted'``, ``'head_input'`` (the fusion output)
+    and, with RFB, ``'rfb'``; for ASFF also ``'fusion_weights'``
+    ``(B, H, W, 3)`` = (α, β, γ) and ``'fused_sum'`` ``(B, H, W)``.
+  * ``'backbone'``: (C3, C4, C5); ``'neck'``: (P5, P4, P3).
+
+  Everything is returned; under ``jax.jit`` unused outputs cost nothing.
+  """
+
+  num_classes: int = 80
+  fusion: str = "asff"
+  rfb: bool = False
+  compress_c: int = 16
+  anchors: Sequence[Sequence[float]] = OFFICIAL_ANCHORS
+  width: float = 1.0
+  stage_blocks: Sequence[int] = OFFICIAL_STAGE_BLOCKS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False, dropblock=None):
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
+    if images.shape[1] % 32 or images.shape[2] % 32:
+      raise ValueError(f"input height and width must be multiples of 32, got {images.shape[1:3]}")
+    x = images.astype(self.dtype)
+    feats = Darknet53(self.width, self.stage_blocks, self.dtype, name="backbone")(x, train)
+    neck = YoloNeck(self.width, self.dtype, name="neck")(feats, train, dropblock)
+    levels, preds = [], []
+    for l in range(3):
+      fused = LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype,
+                          name=f"fusion_{l}")(neck, train)
+      head = GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, name=f"head_{l}")(fused["out"])
+      head["head_input"] = fused["out"]
+      if "weights" in fused:
+        head["fusion_weights"] = fused["weights"]
+        head["fused_sum"] = fused["fused_sum"]
+      bases = level_anchor_bases(self.anchors, ANCHOR_MASKS[l], STRIDES[l])
+      preds.append(decode_level(head["raw"], head["guide_wh"], stride=STRIDES[l], anchor_bases=bases))
+      levels.append(head)
+    return {
+        "pred": jnp.concatenate(preds, axis=1),
+        "levels": levels,
+        "backbone": feats,
+        "neck": neck,
+    }

@@ -1,0 +1,128 @@
+"""Guided-anchor YOLOv3 head with deformable feature adaption and an anchor-free slot (spec §4).
+
+Per level, 4 slots per cell: slots 0–2 use the level's three prior anchors (in
+mask order), slot 3 is anchor-free with base size 4·stride. Layers:
+
+1. ``guide_wh``: 1×1 conv (bias) C → 8: raw log-scales g; channel 2a is
+   log-w and 2a+1 log-h of slot a. Predicted anchors pw = exp(g_w)·A_w,
+   ph = exp(g_h)·A_h.
+2. ``feature_adaption`` (official ``Feature_adaption``): optional RFB (ASFF*),
+   then ``conv_offset`` — a grouped (4 groups) 1×1 conv 8 → 72 with bias on
+   ``stop_gradient(g)`` — and ``dconv``, a 3×3 deformable conv (4 deformable
+   groups, bias), no activation.
+3. ``conv``: 1×1 conv (bias) C → 4·(5 + num_classes); channel
+   (5 + num_classes)·slot + c with c: tx, ty, tw, th, objectness, classes.
+
+Decoding (:func:`decode_level`, eval mode): cx = (σ(tx) + x)·stride,
+cy = (σ(ty) + y)·stride, w = exp(tw)·pw, h = exp(th)·ph, objectness and class
+probabilities by independent sigmoids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asff_jax.models.dcn import DeformConv
+from asff_jax.models.layers import RFBBlock, conv_init
+
+NUM_SLOTS = 4
+DEFORM_GROUPS = 4
+
+
+class FeatureAdaption(nn.Module):
+  """RFB (optional) + deformable 3×3 conv driven by offsets from the wh prediction.
+
+  Call with head input ``(B, H, W, C)`` and raw ``guide_wh`` ``(B, H, W, 8)``;
+  returns a dict with ``'adapted'`` ``(B, H, W, C)``, ``'offset'``
+  ``(B, H, W, 72)`` and, with RFB, ``'rfb'`` ``(B, H, W, C)``.
+  """
+
+  rfb: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, guide_wh):
+    c = x.shape[-1]
+    out = {}
+    offset = nn.Conv(2 * DEFORM_GROUPS * 9, (1, 1), feature_group_count=DEFORM_GROUPS,
+                     use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
+                     kernel_init=conv_init, name="conv_offset")(
+                         jax.lax.stop_gradient(guide_wh.astype(jnp.float32)))
+    if self.rfb:
+      x = RFBBlock(dtype=self.dtype, name="rfb")(x)
+      out["rfb"] = x
+    out["offset"] = offset
+    out["adapted"] = DeformConv(c, 3, DEFORM_GROUPS, dtype=self.dtype, name="dconv")(x, offset)
+    return out
+
+
+class GuidedAnchorHead(nn.Module):
+  """Head for one level; see the module docstring.
+
+  Attributes:
+    num_classes: number of classes C.
+    rfb: apply the RFB block before the DCN (ASFF*).
+    dtype: compute dtype (outputs ``raw`` and ``guide_wh`` are float32).
+
+  Call with ``(B, H, W, C_in)``; returns a dict with ``'raw'``
+  ``(B, H, W, 4·(5 + C))``, ``'guide_wh'`` ``(B, H, W, 8)``, ``'offset'``,
+  ``'adapted'`` (and ``'rfb'``).
+  """
+
+  num_classes: int
+  rfb: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    guide_wh = nn.Conv(2 * NUM_SLOTS, (1, 1), use_bias=True, dtype=self.dtype,
+                       param_dtype=jnp.float32, kernel_init=conv_init, name="guide_wh")(x)
+    guide_wh = guide_wh.astype(jnp.float32)
+    out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, name="feature_adaption")(x, guide_wh)
+    raw = nn.Conv(NUM_SLOTS * (5 + self.num_classes), (1, 1), use_bias=True, dtype=self.dtype,
+                  param_dtype=jnp.float32, kernel_init=conv_init, name="conv")(out["adapted"])
+    out["raw"] = raw.astype(jnp.float32)
+    out["guide_wh"] = guide_wh
+    return out
+
+
+def level_anchor_bases(anchors, mask, stride: int) -> np.ndarray:
+  """Base (w, h) per slot at one level: the 3 masked prior anchors, then (4·stride, 4·stride).
+
+  Returns a ``(4, 2)`` float32 array in input pixels.
+  """
+  base = [tuple(anchors[m]) for m in mask] + [(4.0 * stride, 4.0 * stride)]
+  return np.asarray(base, np.float32)
+
+
+def decode_level(raw, guide_wh, *, stride: int, anchor_bases):
+  """Decodes one level's head output to the official ``pred`` rows (spec §4).
+
+  Args:
+    raw: ``(B, H, W, 4·(5 + C))`` raw prediction-conv output.
+    guide_wh: ``(B, H, W, 8)`` raw log-scales.
+    stride: the level's stride in input pixels.
+    anchor_bases: ``(4, 2)`` base (w, h) per slot (:func:`level_anchor_bases`).
+
+  Returns:
+    ``(B, 4·H·W, 5 + C)`` float32 rows ordered slot-major, then y, then x; columns
+    cx, cy, w, h (input pixels), objectness probability, class probabilities.
+  """
+  b, h, w, ch = raw.shape
+  n = ch // NUM_SLOTS
+  p = raw.astype(jnp.float32).reshape(b, h, w, NUM_SLOTS, n)
+  g = guide_wh.astype(jnp.float32).reshape(b, h, w, NUM_SLOTS, 2)
+  anchors_wh = jnp.exp(g) * jnp.asarray(anchor_bases)
+  gx = jnp.arange(w, dtype=jnp.float32)[None, None, :, None]
+  gy = jnp.arange(h, dtype=jnp.float32)[None, :, None, None]
+  cx = (jax.nn.sigmoid(p[..., 0]) + gx) * stride
+  cy = (jax.nn.sigmoid(p[..., 1]) + gy) * stride
+  wh = jnp.exp(p[..., 2:4]) * anchors_wh
+  rest = jax.nn.sigmoid(p[..., 4:])
+  dec = jnp.concatenate([cx[..., None], cy[..., None], wh, rest], axis=-1)
+  return jnp.transpose(dec, (0, 3, 1, 2, 4)).reshape(b, NUM_SLOTS * h * w, n)

@@ -1,0 +1,166 @@
+"""Converter: name mapping, errors, partial loading, .pth CLI round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from asff_jax.convert import (expected_layout, strip_state_dict, variables_from_official,
+                              variables_to_official)
+from asff_jax.models import create_model, default_model_config
+from asff_jax.parity import state_dict_from_spec
+from tests.conftest import parity_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(fusion="asff", rfb=False):
+  c = default_model_config()
+  c.fusion, c.rfb, c.num_classes, c.width, c.stage_blocks = fusion, rfb, 3, 0.125, (1, 1, 1, 1, 1)
+  return c
+
+
+@pytest.fixture(scope="module")
+def official_names():
+  spec = json.loads(parity_file("state_dict_spec.json").read_text())
+  return {e["name"]: tuple(e["shape"]) for e in spec["entries"]}
+
+
+def test_layout_matches_official_names_and_shapes(official_names):
+  layout = expected_layout(default_model_config())
+  ours = {leaf.official: leaf.official_shape for leaf in layout}
+  expected = {k: v for k, v in official_names.items() if not k.endswith("num_batches_tracked")}
+  assert ours == expected
+
+
+def test_baseline_numbering():
+  cfg = default_model_config()
+  cfg.fusion = "none"
+  ours = {leaf.official: leaf.official_shape for leaf in expected_layout(cfg)}
+  assert ours["module_list.18.conv.weight"] == (1024, 512, 3, 3)   # level-0 3x3 conv
+  assert ours["module_list.19.guide_wh.weight"] == (8, 1024, 1, 1)  # head L0
+  assert ours["module_list.20.conv.weight"] == (256, 512, 1, 1)    # = ASFF layer 18
+  assert ours["module_list.27.conv.weight"] == (512, 256, 3, 3)    # level-1 3x3 conv
+  assert ours["module_list.28.conv.weight"] == (340, 512, 1, 1)    # head L1
+  assert ours["module_list.36.conv.weight"] == (256, 128, 3, 3)    # = ASFF layer 32
+  assert ours["module_list.37.Feature_adaption.dconv.weight"] == (256, 256, 3, 3)
+  assert ours["module_list.34.module_list.0.0.conv.weight"] == (128, 256, 1, 1)  # = ASFF 30 (DropBlock is 33)
+  assert not any(k.startswith("level_") for k in ours)
+
+
+@pytest.mark.parametrize("fusion,rfb", [("asff", False), ("none", False), ("asff", True),
+                                        ("sum", False), ("concat", False)])
+def test_round_trip(fusion, rfb):
+  cfg = small_config(fusion, rfb)
+  model = create_model(cfg)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  sd = variables_to_official(v, cfg)
+  back = variables_from_official(sd, cfg)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), v, back)
+
+
+def test_errors_name_key_and_shapes():
+  cfg = small_config()
+  model = create_model(cfg)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  sd = variables_to_official(v, cfg)
+
+  missing = dict(sd)
+  del missing["level_1_header.guide_wh.bias"]
+  with pytest.raises(ValueError, match=r"missing: level_1_header\.guide_wh\.bias"):
+    variables_from_official(missing, cfg)
+
+  extra = dict(sd, **{"level_3_fusion.expand.conv.weight": np.zeros((1,))})
+  with pytest.raises(ValueError, match=r"unexpected: level_3_fusion\.expand\.conv\.weight"):
+    variables_from_official(extra, cfg)
+
+  bad = dict(sd)
+  bad["module_list.0.conv.weight"] = np.zeros((8, 3, 5, 5), np.float32)
+  with pytest.raises(ValueError, match=r"module_list\.0\.conv\.weight: expected \(8, 3, 3, 3\), got \(8, 3, 5, 5\)"):
+    variables_from_official(bad, cfg)
+
+
+def test_asff_star_weights_into_asff_config_fail_clearly():
+  sd = state_dict_from_spec(parity_file("state_dict_spec_rfb.json"))
+  with pytest.raises(ValueError) as e:
+    variables_from_official(sd, default_model_config())
+  msg = str(e.value)
+  assert "level_0_fusion.weight_level_0.conv.weight: expected (16, 512, 1, 1), got (8, 512, 1, 1)" in msg
+  assert "unexpected: level_0_header.Feature_adaption.rfb.branch_0.0.weight" in msg
+
+
+def test_partial_backbone_checkpoint():
+  cfg = small_config()
+  model = create_model(cfg)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  sd = variables_to_official(v, cfg)
+  backbone = {k: v_ + 1.0 for k, v_ in sd.items()
+              if k.startswith("module_list.") and int(k.split(".")[1]) <= 10}
+  base = jax.jit(model.init)(jax.random.key(7), jnp.zeros((1, 64, 64, 3)))
+  with pytest.raises(ValueError, match="missing"):
+    variables_from_official(backbone, cfg)
+  out, report = variables_from_official(backbone, cfg, strict=False, base_variables=base,
+                                        return_report=True)
+  assert sorted(report.loaded) == sorted(backbone)
+  assert len(report.missing) == len(sd) - len(backbone) and not report.unexpected
+  np.testing.assert_array_equal(out["params"]["backbone"]["layer_0"]["conv"]["kernel"],
+                                np.asarray(v["params"]["backbone"]["layer_0"]["conv"]["kernel"]) + 1.0)
+  np.testing.assert_array_equal(out["params"]["head_0"]["conv"]["kernel"],
+                                np.asarray(base["params"]["head_0"]["conv"]["kernel"]))
+  assert "loaded" in str(report)
+
+
+def test_strip_wrappers_and_torch_tensors():
+  cfg = small_config()
+  model = create_model(cfg)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  sd = variables_to_official(v, cfg)
+  wrapped = {"model": {"module." + k: torch.from_numpy(a) for k, a in sd.items()},
+             "optimizer": {}}
+  assert set(strip_state_dict(wrapped)) == set(sd)
+  sd_t = {k: torch.from_numpy(a) for k, a in sd.items()}
+  sd_t["module_list.0.batch_norm.num_batches_tracked"] = torch.tensor(5)
+  out = variables_from_official({"state_dict": sd_t}, cfg)
+  np.testing.assert_array_equal(out["params"]["head_2"]["conv"]["bias"], sd["level_2_header.conv.bias"])
+
+
+def test_cli_reads_pth_and_writes_orbax(tmp_path):
+  cfg_file = tmp_path / "tiny.py"
+  cfg_file.write_text(textwrap.dedent("""
+      from asff_jax.models import default_model_config
+      import ml_collections
+      def get_config():
+        c = ml_collections.ConfigDict()
+        c.model = default_model_config()
+        c.model.num_classes, c.model.width, c.model.stage_blocks = 3, 0.125, (1, 1, 1, 1, 1)
+        return c
+  """))
+  cfg = small_config()
+  model = create_model(cfg)
+  v = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 64, 64, 3)))
+  sd = variables_to_official(v, cfg)
+  pth = tmp_path / "w.pth"
+  torch.save({"model": {"module." + k: torch.from_numpy(a) for k, a in sd.items()}}, pth)
+  out_dir = tmp_path / "out"
+  res = subprocess.run([sys.executable, "-m", "asff_jax.convert", f"--pth={pth}", f"--config={cfg_file}",
+                        f"--out={out_dir}"], capture_output=True, text=True, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert json.loads((out_dir / "config.json").read_text())["model"]["width"] == 0.125
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(out_dir / "checkpoints" / "0" / "default")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), v, restored)
+
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(b"not a checkpoint")
+  res = subprocess.run([sys.executable, "-m", "asff_jax.convert", f"--pth={bad}", f"--config={cfg_file}",
+                        f"--out={out_dir}2"], capture_output=True, text=True, cwd=REPO)
+  assert res.returncode != 0 and "bad.pth: cannot read" in res.stderr
