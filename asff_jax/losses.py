@@ -1,0 +1,183 @@
+"""The official ASFF training loss on head outputs (spec §6), jit-compatible.
+
+Per level (strides 32, 16, 8) the loss has these terms, each a **sum over
+elements divided by the batch size B** (no normalisation by the number of
+positives, all weights 1), and the levels are summed:
+
+* ``anchor`` = Σ_anchor_mask (1 − IoU_wh(predicted guided anchor, GT wh)²),
+  centre-aligned, +1e-16 in the union (official ``IOUWH_loss``);
+* ``iou``    = Σ_positives tgt_scale·(1 − IoU(decoded box, GT box)²), +1e-16 in
+  the union (official ``IOUloss``);
+* ``xy``     = Σ tgt_scale·BCEWithLogits(raw tx, ty; in-cell offsets);
+* ``wh``     = Σ tgt_scale·|raw tw, th − log(w / pw + 1e-12)|, a plain L1, with
+  ``pw`` the *predicted* guided anchor of the responsible slot;
+* ``l1``     = xy + wh;
+* ``obj``    = Σ obj_mask·BCEWithLogits(t_obj; 1 at positives, else 0);
+* ``cls``    = Σ_positives BCEWithLogits(t_cls; class targets);
+* ``total``  = anchor + iou + l1 + obj + cls.
+
+tgt_scale = 2 − w·h/(input_w·input_h) at positives (0 elsewhere). Targets are
+built by :mod:`asff_jax.targets`. All computation is float32; boxes are in grid
+units of the level (see ``targets``), which leaves every term unchanged up to
+float rounding.
+
+Official quirks reproduced
+--------------------------
+* **Non-detached wh targets.** ``log(w / pw + 1e-12)`` uses the predicted
+  anchor ``pw = exp(guide_wh)·A`` without ``stop_gradient``, so the wh L1 also
+  sends exactly ±tgt_scale/B into ``guide_wh`` at the responsible slot's w and
+  h channels (parity README quirk 1). ``detach_anchor_targets=True`` applies
+  ``stop_gradient`` to ``pw`` there (values unchanged, only that gradient goes).
+* **Last writer wins** when two GTs of an image hit the same (level, slot,
+  cell): all targets, masks and tgt_scale come from the later GT (quirk 2),
+  computed deterministically with a scatter-max winner map.
+* **Multi-hot classes with label smoothing off**: the official loop never
+  resets the class vector, so every GT that wrote the slot keeps its class at 1
+  (quirk 2). With smoothing on, the later GT's smoothed one-hot replaces it.
+* **Slot-3 shape target from the later GT**: every GT at a cell writes slot 3's
+  guided-anchor target, so the ``anchor`` loss of slot 3 uses the last GT at
+  that cell (quirk 3).
+* **Ignore before positives**: predictions with best IoU > ignore_thre to any
+  GT lose their objectness term, but a positive always gets weight 1 (or its
+  mixup weight) even when its own prediction was ignored (quirk 4).
+
+Extension (off by default): ``adjacent_ignore_eps`` — the paper's adjacent
+ignore regions (Sec. 3.3, Table 2), see :func:`asff_jax.targets.adjacent_ignore_mask`.
+It only changes ``obj``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from asff_jax import boxes as box_lib
+from asff_jax import targets as tgt_lib
+from asff_jax.targets import ANCHORS, ANCHOR_MASKS
+
+COMPONENTS = ("anchor", "iou", "l1", "xy", "wh", "obj", "cls", "total")
+IOU_LOSS_EPS = 1e-16  # official IOUloss / IOUWH_loss union eps (README quirk 6)
+LOG_EPS = 1e-12  # official eps inside log(w / pw + eps)
+
+
+def bce_with_logits(logits, targets):
+  """Elementwise binary cross-entropy on logits (numerically stable form).
+
+  ``max(x, 0) − x·t + log(1 + exp(−|x|))`` — the same value as PyTorch's
+  ``BCEWithLogitsLoss(reduction='none')``; gradient ``sigmoid(x) − t``.
+  """
+  return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
+               anchors=ANCHORS, anchor_masks=ANCHOR_MASKS, ignore_thre: float = 0.7,
+               label_smoothing: bool = True, detach_anchor_targets: bool = False,
+               adjacent_ignore_eps=None, return_targets: bool = False):
+  """Official loss of one level (spec §6).
+
+  Args:
+    raw: ``(B, H, W, 4*(5+C))`` float32 prediction-conv output (NHWC), channel
+      ``(5+C)*slot + c`` (c: 0,1 tx,ty; 2,3 tw,th; 4 objectness; 5.. classes).
+    guide_wh: ``(B, H, W, 8)`` raw guide_wh output (log-scales, before exp).
+    labels: ``(B, N, 5)`` ``[class, cx, cy, w, h]`` or ``(B, N, 6)`` with a
+      mixup weight, input pixels, zero-padded at the end.
+    level: 0, 1, 2 (strides 32, 16, 8). num_classes: C.
+    input_hw: ``(input_h, input_w)`` in pixels (static Python ints).
+    anchors: ``(9, 2)`` prior anchors in pixels; anchor_masks: per-level prior indices.
+    ignore_thre: objectness ignore IoU threshold (official 0.7).
+    label_smoothing: official LABAL_SMOOTH (on in the official cfg).
+    detach_anchor_targets: ``stop_gradient`` on the predicted anchor inside the
+      wh targets (the official code does not detach; default False).
+    adjacent_ignore_eps: None (off) or float >= 0 (paper Table 2 ignore regions).
+    return_targets: also return the :class:`~asff_jax.targets.LevelTargets`.
+
+  Returns:
+    dict of float32 scalars with keys ``COMPONENTS`` (each already divided by B);
+    with ``return_targets`` a pair ``(dict, LevelTargets)``.
+
+  Raises:
+    ValueError: inconsistent shapes (grid·stride ≠ input, channels, labels) or
+      negative ``adjacent_ignore_eps``.
+  """
+  raw = jnp.asarray(raw, jnp.float32)
+  guide_wh = jnp.asarray(guide_wh, jnp.float32)
+  labels = jnp.asarray(labels, jnp.float32)
+  if raw.shape[-1] != 4 * (5 + num_classes):
+    raise ValueError(f"raw has {raw.shape[-1]} channels, expected 4*(5+{num_classes})")
+  dec = tgt_lib.decode_level(raw, guide_wh, level=level, input_hw=input_hw,
+                             anchors=anchors, anchor_masks=anchor_masks)
+  t = tgt_lib.assign_level(labels, dec, level=level, num_classes=num_classes,
+                           input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks,
+                           ignore_thre=ignore_thre, label_smoothing=label_smoothing,
+                           adjacent_ignore_eps=adjacent_ignore_eps)
+  batch = raw.shape[0]
+  out, anchor_wh, box = dec["out"], dec["anchor_wh"], dec["box"]
+  pos = t.positive
+
+  iou_wh = box_lib.wh_iou(anchor_wh, t.anchor_target_wh, eps=IOU_LOSS_EPS)
+  l_anchor = jnp.sum(jnp.where(t.anchor_mask, 1.0 - iou_wh ** 2, 0.0))
+
+  iou = box_lib.elementwise_iou_xywh(box, t.box_target, eps=IOU_LOSS_EPS)
+  l_iou = jnp.sum(jnp.where(pos, t.tgt_scale * (1.0 - iou ** 2), 0.0))
+
+  l_xy = jnp.sum(t.tgt_scale[..., None] * bce_with_logits(out[..., 0:2], t.xy_target))
+
+  pw = jax.lax.stop_gradient(anchor_wh) if detach_anchor_targets else anchor_wh
+  gt_wh = t.box_target[..., 2:4]
+  wh_target = jnp.where(pos[..., None], jnp.log(gt_wh / pw + LOG_EPS), 0.0)
+  l_wh = jnp.sum(t.tgt_scale[..., None] * jnp.abs(out[..., 2:4] - wh_target))
+
+  l_obj = jnp.sum(t.obj_mask * bce_with_logits(out[..., 4], pos.astype(jnp.float32)))
+  l_cls = jnp.sum(jnp.where(pos[..., None], bce_with_logits(out[..., 5:], t.cls_target), 0.0))
+
+  comp = dict(anchor=l_anchor, iou=l_iou, xy=l_xy, wh=l_wh, obj=l_obj, cls=l_cls)
+  comp = {k: v / batch for k, v in comp.items()}
+  comp["l1"] = comp["xy"] + comp["wh"]
+  comp["total"] = comp["anchor"] + comp["iou"] + comp["l1"] + comp["obj"] + comp["cls"]
+  comp = {k: comp[k] for k in COMPONENTS}
+  return (comp, t) if return_targets else comp
+
+
+def _cfg(cfg: Any, key: str, default):
+  """Read ``key`` from a dict / ml_collections ConfigDict / attribute object."""
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+    return cfg.get(key, default)
+  return getattr(cfg, key, default)
+
+
+def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=None,
+              num_classes: int = 80, input_hw, anchors=ANCHORS, anchor_masks=ANCHOR_MASKS):
+  """Official total loss over the 3 levels (spec §6), jit-compatible.
+
+  Args:
+    levels: 3 dicts (levels 0, 1, 2 = strides 32, 16, 8) with ``'raw'``
+      ``(B, H, W, 4*(5+C))`` and ``'guide_wh'`` ``(B, H, W, 8)``.
+    labels: ``(B, N, 5|6)`` input pixels (see :func:`level_loss`).
+    loss_config: dict / ConfigDict with optional keys ``label_smoothing``
+      (default True), ``ignore_thre`` (0.7), ``detach_anchor_targets`` (False),
+      ``adjacent_ignore_eps`` (None). Values must be static Python values.
+    num_classes: C. input_hw: ``(input_h, input_w)`` pixels.
+
+  Returns:
+    ``(total, aux)``: ``total`` a float32 scalar (sum over levels); ``aux`` maps
+    each of ``COMPONENTS`` to a ``(3,)`` float32 array (per level).
+
+  Raises:
+    ValueError: not exactly 3 levels, or see :func:`level_loss`.
+  """
+  if len(levels) != 3:
+    raise ValueError(f"expected 3 levels, got {len(levels)}")
+  kw = dict(
+      label_smoothing=bool(_cfg(loss_config, "label_smoothing", True)),
+      ignore_thre=float(_cfg(loss_config, "ignore_thre", 0.7)),
+      detach_anchor_targets=bool(_cfg(loss_config, "detach_anchor_targets", False)),
+      adjacent_ignore_eps=_cfg(loss_config, "adjacent_ignore_eps", None))
+  per = [level_loss(lv["raw"], lv["guide_wh"], labels, level=l, num_classes=num_classes,
+                    input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks, **kw)
+         for l, lv in enumerate(levels)]
+  aux = {k: jnp.stack([p[k] for p in per]) for k in COMPONENTS}
+  return jnp.sum(aux["total"]), aux
