@@ -181,3 +181,62 @@ def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=
          for l, lv in enumerate(levels)]
   aux = {k: jnp.stack([p[k] for p in per]) for k in COMPONENTS}
   return jnp.sum(aux["total"]), aux
+
+
+def default_loss_config():
+  """``config.loss`` defaults: the official settings (spec §6, cfg ``LABAL_SMOOTH``/``IGNORETHRE``).
+
+  * ``label_smoothing`` True — positive class target 1 − 1/C, negatives 1/C.
+  * ``ignore_thre`` 0.7 — objectness ignored where a prediction's best IoU with a GT exceeds it.
+  * ``detach_anchor_targets`` False — the official non-detached wh targets (see module docstring);
+    True stops the wh-L1 gradient into ``guide_wh`` through the target.
+  * ``adjacent_ignore_eps`` None — off; a float ≥ 0 enables the paper's Table 2 adjacent ignore
+    (0 = centre location only).
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict()
+  c.label_smoothing = True
+  c.ignore_thre = 0.7
+  c.detach_anchor_targets = False
+  c.adjacent_ignore_eps = ml_collections.config_dict.placeholder(float)
+  return c
+
+
+def loss_fn(variables, images, labels, *, model, config, train: bool = True, rng=None,
+            dropblock=None):
+  """Runs the detector and returns the official loss: the entry point for training and probes.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}``.
+    images: ``(B, H, W, 3)`` float, ImageNet-normalised (H, W multiples of 32).
+    labels: ``(B, max_boxes, 5)`` ``[class, cx, cy, w, h]`` in input pixels,
+      zero rows at the end, or ``(B, max_boxes, 6)`` with a per-box mixup weight.
+    model: the module from :func:`asff_jax.models.create_model`.
+    config: full config; ``config.loss`` (see :func:`default_loss_config`) is
+      read if present, defaults otherwise. Static Python values.
+    train: batch statistics in BN (official training mode) and DropBlock.
+    rng: PRNG key for DropBlock (needed only when ``dropblock`` is active).
+    dropblock: None or three ``(block_size, keep_prob)`` (schedule, spec §7).
+
+  Returns:
+    ``(loss, aux)``: ``loss`` float32 scalar = Σ levels (anchor + iou + l1 + obj
+    + cls) / B; ``aux`` maps ``'anchor', 'iou', 'l1', 'xy', 'wh', 'obj', 'cls',
+    'total'`` to ``(3,)`` per-level arrays (level 0 = stride 32), and
+    ``'batch_stats'`` to the updated statistics (unchanged when ``train=False``).
+  """
+  loss_config = config.get("loss", None) if hasattr(config, "get") else None
+  rngs = {"dropblock": rng} if rng is not None else None
+  if train:
+    out, updates = model.apply(variables, images, train=True, dropblock=dropblock,
+                               mutable=["batch_stats"], rngs=rngs)
+    batch_stats = updates["batch_stats"]
+  else:
+    out = model.apply(variables, images, train=False)
+    batch_stats = variables.get("batch_stats", {})
+  total, aux = head_loss(out["levels"], labels, loss_config=loss_config,
+                         num_classes=model.num_classes, input_hw=images.shape[1:3],
+                         anchors=model.anchors)
+  aux = dict(aux)
+  aux["batch_stats"] = batch_stats
+  return total, aux
