@@ -10,7 +10,8 @@ Keys (all overridable with ``--config.model.KEY=VALUE``):
   block sizes and keep probability per step; identity at eval).
 * ``anchors``: ``'official'`` (YOLOv3 set with the official (121, 240) in
   place of (373, 326), spec §4/§12), ``'yolov3'`` (the original set), or an
-  explicit list of 9 ``(w, h)`` pairs in input pixels, sorted small→large.
+  explicit list of 9 ``(w, h)`` pairs in input pixels, sorted small→large
+  (set a list inside ``with config.ignore_type():``, the field defaults to a string).
 * ``width``: channel multiplier (1.0 = official; e.g. 0.25 for CPU tests).
 * ``stage_blocks``: Darknet residual blocks per stage (official (1, 2, 8, 8, 4)).
 * ``compress_c``: ASFF weight-conv channels; None → 16, or 8 with RFB.
