@@ -12,8 +12,9 @@ CLI (needs the ``convert`` extra, i.e. torch)::
     python -m asff_jax.convert --pth YOLOv3-ASFF_40.6.pth \
         --config configs/coco_asff_608.py --out DIR [--non_strict]
 
-writes an orbax checkpoint ``DIR/checkpoints/0/`` holding
-``{'params', 'batch_stats'}`` and the resolved config ``DIR/config.json``.
+writes an orbax checkpoint ``DIR/checkpoints/0/state`` holding
+``{'params', 'batch_stats'}`` and the config (``DIR/config.json``), the same
+layout as a training workdir (:mod:`asff_jax.checkpoints`).
 
 Name mapping (by rule, from the Flax variable path):
 
@@ -312,7 +313,12 @@ def load_official_checkpoint(path: str) -> dict:
 
 
 def save_converted(out_dir: str, variables, config) -> str:
-  """Writes ``variables`` as orbax checkpoint step 0 under ``out_dir/checkpoints`` and ``out_dir/config.json``."""
+  """Writes ``variables`` as orbax checkpoint step 0 and the config (see :mod:`asff_jax.checkpoints`).
+
+  ``out_dir/checkpoints/0/state`` holds ``{'params', 'batch_stats'}``,
+  ``out_dir/checkpoints/0/config`` and ``out_dir/config.json`` the config, so
+  ``asff_jax.evaluate`` and ``asff_jax.predict`` read it like a training workdir.
+  """
   import os  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
@@ -321,8 +327,10 @@ def save_converted(out_dir: str, variables, config) -> str:
   with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
-  mngr = ocp.CheckpointManager(os.path.join(out_dir, "checkpoints"))
-  mngr.save(0, args=ocp.args.StandardSave(jax.tree.map(jnp.asarray, variables)), force=True)
+  mngr = ocp.CheckpointManager(os.path.join(out_dir, "checkpoints"), item_names=("state", "config"))
+  mngr.save(0, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(jax.tree.map(jnp.asarray, variables)),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
   mngr.wait_until_finished()
   mngr.close()
   return out_dir

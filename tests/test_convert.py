@@ -156,8 +156,12 @@ def test_cli_reads_pth_and_writes_orbax(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   assert json.loads((out_dir / "config.json").read_text())["model"]["width"] == 0.125
   import orbax.checkpoint as ocp
-  restored = ocp.StandardCheckpointer().restore(out_dir / "checkpoints" / "0" / "default")
+  restored = ocp.StandardCheckpointer().restore(out_dir / "checkpoints" / "0" / "state")  # plain orbax
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), v, restored)
+  from asff_jax.checkpoints import load_config, load_variables
+  loaded, step = load_variables(str(out_dir))
+  assert step == 0 and load_config(str(out_dir)).model.num_classes == 3
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), v, loaded)
 
   bad = tmp_path / "bad.pth"
   bad.write_bytes(b"not a checkpoint")
