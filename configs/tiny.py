@@ -1,0 +1,42 @@
+"""Tiny smoke-test config: a 1/8-width ASFF model on 64×64 synthetic images (CPU, seconds).
+
+    python -m asff_jax.train --config configs/tiny.py --workdir /tmp/asff_tiny
+
+Used by ``tests/test_train.py`` and friends. The schedule is the official
+shape (burn-in → constant → cosine → floor) squeezed into a few epochs of
+2 steps, with a larger LR so that a few steps visibly move the weights.
+"""
+
+from asff_jax.train import default_config
+
+
+def get_config():
+  config = default_config()
+  config.seed = 0
+  config.batch_size = 4
+  config.num_train_steps = 6
+  config.steps_per_epoch = 2
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 3
+  config.eval_every_steps = 0
+  config.max_consecutive_nonfinite = 3
+  config.init_rng_impl = "rbg"  # fast init compile on CPU
+
+  config.dataset.source = "synthetic"
+  config.dataset.input_size = 64
+  config.dataset.max_boxes = 8
+  config.dataset.num_train_examples = 8
+  config.dataset.synthetic_max_objects = 3
+
+  config.model.width = 0.125
+  config.model.stage_blocks = (1, 1, 1, 1, 1)
+  config.model.num_classes = 3
+
+  config.optimizer.lr = 0.01
+  config.schedule.burn_in_epochs = 1
+  config.schedule.constant_until_epoch = 1
+  config.schedule.cosine_end_epoch = 3
+  config.schedule.min_lr = 1e-4
+  config.schedule.warmup_epochs = 1.0
+  return config
