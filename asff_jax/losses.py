@@ -113,8 +113,21 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
                            ignore_thre=ignore_thre, label_smoothing=label_smoothing,
                            adjacent_ignore_eps=adjacent_ignore_eps)
   batch = raw.shape[0]
-  out, anchor_wh, box = dec["out"], dec["anchor_wh"], dec["box"]
+  out = dec["out"]
   pos = t.positive
+  # Finite gradients (a robustness fix; loss values are unchanged): tw/th and
+  # guide_wh at positions no box term selects are unconstrained, and a large
+  # value there overflows exp() to inf. jnp.where would then pass 0 · inf = NaN
+  # back (the official code, multiplying by tgt_mask, has the same hazard). So
+  # the exponentials are taken of inputs zeroed where the terms are masked out.
+  sel = (pos | t.anchor_mask)[..., None]
+  b_, h_, w_ = raw.shape[:3]
+  g_safe = jnp.where(sel, guide_wh.reshape(b_, h_, w_, tgt_lib.NUM_SLOTS, 2), 0.0)
+  out_safe = out.at[..., 2:4].set(jnp.where(sel, out[..., 2:4], 0.0))
+  safe = tgt_lib.decode_level(out_safe.reshape(raw.shape), g_safe.reshape(guide_wh.shape),
+                              level=level, input_hw=input_hw, anchors=anchors,
+                              anchor_masks=anchor_masks)
+  anchor_wh, box = safe["anchor_wh"], safe["box"]
 
   iou_wh = box_lib.wh_iou(anchor_wh, t.anchor_target_wh, eps=IOU_LOSS_EPS)
   l_anchor = jnp.sum(jnp.where(t.anchor_mask, 1.0 - iou_wh ** 2, 0.0))
