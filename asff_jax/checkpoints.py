@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import ml_collections
@@ -51,6 +50,28 @@ def available_steps(workdir: str) -> list[int]:
   return steps
 
 
+def restore_on_one_device(path: str):
+  """Restores an orbax ``StandardSave`` pytree onto this process's first device, whatever mesh saved it.
+
+  A checkpoint written by an 8-device or multi-host run records its shardings;
+  restoring without a target fails on another topology. The target here is
+  built from the checkpoint's own metadata (shapes, dtypes) with a
+  single-device sharding. Plain orbax does the same with
+  ``StandardCheckpointer().restore(path, target)``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(path)
+  meta = getattr(meta, "item_metadata", meta)
+  meta = getattr(meta, "tree", meta)
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+                        meta, is_leaf=is_leaf)
+  return ckptr.restore(path, target)
+
+
 def load_variables(workdir: str, step: Optional[int] = None, *, use_ema: Optional[bool] = None):
   """Model variables ``{'params', 'batch_stats'}`` (numpy) of checkpoint ``step`` (default latest).
 
@@ -74,7 +95,7 @@ def load_variables(workdir: str, step: Optional[int] = None, *, use_ema: Optiona
   elif step not in steps:
     raise FileNotFoundError(f"checkpoint step {step} not in {workdir}/checkpoints (available: {steps})")
   path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-  tree = ocp.StandardCheckpointer().restore(path)
+  tree = restore_on_one_device(path)
   if use_ema is None:
     try:
       use_ema = bool(load_config(workdir).get("optimizer", {}).get("ema_decay", 0))
@@ -87,26 +108,16 @@ def load_variables(workdir: str, step: Optional[int] = None, *, use_ema: Optiona
   return {"params": to_np(params), "batch_stats": to_np(tree.get("batch_stats", {}))}, step
 
 
-def config_from_workdir_and_flags(argv: Sequence[str], flag_name: str = "config"):
-  """Defines ``--config`` defaulting to ``WORKDIR/config.json`` so ``--config.key=value`` overrides work.
+def workdir_from_argv(argv: Sequence[str]) -> Optional[str]:
+  """The value of ``--workdir`` in ``argv`` (``--workdir=D`` or ``--workdir D``), or None.
 
-  Reads ``--workdir`` from ``argv`` before absl parses flags (the default config
-  depends on it). Returns the workdir, or None if ``--workdir`` is absent.
+  The CLIs need it before absl parses flags: their ``--config`` default is the
+  workdir's saved config, so that ``--config.key=value`` overrides work.
   """
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
   workdir = None
   for i, a in enumerate(argv):
     if a.startswith("--workdir="):
       workdir = a.split("=", 1)[1]
     elif a == "--workdir" and i + 1 < len(argv):
       workdir = argv[i + 1]
-  base = load_config(workdir) if workdir and os.path.exists(os.path.join(workdir, "config.json")) \
-      else ml_collections.ConfigDict()
-  config_flags.DEFINE_config_dict(flag_name, base, "config (default: the workdir's config.json)",
-                                  lock_config=False)
   return workdir
-
-
-def _argv() -> list[str]:
-  return list(sys.argv)

@@ -193,7 +193,12 @@ def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=
                     input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks, **kw)
          for l, lv in enumerate(levels)]
   aux = {k: jnp.stack([p[k] for p in per]) for k in COMPONENTS}
-  return jnp.sum(aux["total"]), aux
+  weights = {k: float(_cfg(loss_config, f"{k}_weight", 1.0)) for k in ("anchor", "iou", "l1", "obj", "cls")}
+  if all(w == 1.0 for w in weights.values()):
+    total = jnp.sum(aux["total"])  # official: the plain sum
+  else:
+    total = sum(w * jnp.sum(aux[k]) for k, w in weights.items())
+  return total, aux
 
 
 def default_loss_config():
@@ -205,6 +210,9 @@ def default_loss_config():
     True stops the wh-L1 gradient into ``guide_wh`` through the target.
   * ``adjacent_ignore_eps`` None — off; a float ≥ 0 enables the paper's Table 2 adjacent ignore
     (0 = centre location only).
+  * ``anchor_weight``, ``iou_weight``, ``l1_weight``, ``obj_weight``, ``cls_weight`` 1.0 —
+    multipliers of the components in the total (official: all 1, the plain sum). The
+    per-component values in ``aux`` stay unweighted.
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
 
@@ -213,6 +221,8 @@ def default_loss_config():
   c.ignore_thre = 0.7
   c.detach_anchor_targets = False
   c.adjacent_ignore_eps = ml_collections.config_dict.placeholder(float)
+  for k in ("anchor", "iou", "l1", "obj", "cls"):
+    c[f"{k}_weight"] = 1.0
   return c
 
 

@@ -46,6 +46,11 @@ Keys:
   64 (the paper's global batch): use it when training with a much larger or
   smaller global batch than 64.
 * ``ema_decay``: EMA of the parameters (the official code has none): 0 = off.
+* ``name``: ``'sgd'`` (official) or ``'adamw'`` (``optax.adamw`` with ``b1``,
+  ``b2`` and decoupled ``weight_decay`` on the same mask; not in the official
+  code, used by the short from-scratch digits configs).
+* ``clip_grad_norm``: > 0 clips the global gradient norm before the update
+  (official: off).
 
 Schedules (``config.schedule``)
 -------------------------------
@@ -90,6 +95,9 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   c.lr_scaling = "none"  # 'none' (official) | 'linear' (lr · batch_size / reference_batch_size)
   c.reference_batch_size = 64
   c.ema_decay = 0.0  # 0 = no EMA (official)
+  c.b1 = 0.9  # adamw only
+  c.b2 = 0.999  # adamw only
+  c.clip_grad_norm = 0.0  # > 0: clip the global gradient norm first (0 = off, official)
   return c
 
 
@@ -239,13 +247,24 @@ def weight_decay_mask(params, mode: str = "all", *, fusion: str = "asff"):
 # ----------------------------------------------------------------------------- the optimizer
 
 
-def _official_sgd(learning_rate, momentum, weight_decay, mask, nesterov):
+def _clip(clip):
+  return [optax.clip_by_global_norm(clip)] if clip > 0 else []
+
+
+def _official_sgd(learning_rate, momentum, weight_decay, mask, nesterov, clip=0.0):
   """PyTorch-ordered SGD: decay added to the gradient, then momentum, then −lr."""
   return optax.chain(
+      *_clip(clip),
       optax.add_decayed_weights(weight_decay, mask=mask),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _adamw(learning_rate, b1, b2, weight_decay, mask, clip=0.0):
+  """``optax.adamw`` (decoupled decay on the ``mask`` leaves), optionally after norm clipping."""
+  return optax.chain(*_clip(clip), optax.adamw(learning_rate, b1=b1, b2=b2,
+                                               weight_decay=weight_decay, mask=mask))
 
 
 class Optimizer(NamedTuple):
@@ -273,15 +292,22 @@ def make_optimizer(config, params, *, steps_per_epoch: int, num_train_steps: int
     ValueError: unknown optimizer name or any option error from the helpers.
   """
   o = config.optimizer
-  if o.get("name", "sgd") != "sgd":
-    raise ValueError(f"optimizer.name must be 'sgd', got {o.name!r}")
+  name = o.get("name", "sgd")
+  if name not in ("sgd", "adamw"):
+    raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {name!r}")
   base_lr = scaled_base_lr(o, int(config.batch_size))
   lr_fn = make_schedule(config.schedule, base_lr=base_lr, steps_per_epoch=steps_per_epoch,
                         num_train_steps=num_train_steps)
   mask = weight_decay_mask(params, o.get("weight_decay_on", "all"), fusion=config.model.fusion)
-  tx = optax.inject_hyperparams(_official_sgd, static_args=("mask", "nesterov"))(
-      learning_rate=base_lr, momentum=float(o.momentum), weight_decay=float(o.weight_decay),
-      mask=mask, nesterov=bool(o.get("nesterov", False)))
+  clip = float(o.get("clip_grad_norm", 0.0) or 0.0)
+  if name == "sgd":
+    tx = optax.inject_hyperparams(_official_sgd, static_args=("mask", "nesterov", "clip"))(
+        learning_rate=base_lr, momentum=float(o.momentum), weight_decay=float(o.weight_decay),
+        mask=mask, nesterov=bool(o.get("nesterov", False)), clip=clip)
+  else:
+    tx = optax.inject_hyperparams(_adamw, static_args=("mask", "clip"))(
+        learning_rate=base_lr, b1=float(o.get("b1", 0.9)), b2=float(o.get("b2", 0.999)),
+        weight_decay=float(o.weight_decay), mask=mask, clip=clip)
   return Optimizer(tx, lr_fn, base_lr)
 
 

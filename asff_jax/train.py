@@ -35,7 +35,8 @@ whose first item is the batch of step ``start_step``; B is either the global
 ``batch_size`` or this process's share ``batch_size // process_count`` (see
 :func:`asff_jax.sharding.make_global_batch`). :func:`make_train_iterator` picks
 the synthetic source (``dataset.source='synthetic'``, a pure function of
-(seed, step), used by the tests) or ``asff_jax.data.make_train_iterator``.
+(seed, step), used by the tests) or :func:`asff_jax.data.loader.make_train_iterator`
+(digits, COCO-format folders, TFDS COCO; random shape and mixup schedules).
 
 Loss and batch size
 -------------------
@@ -112,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5000
   c.keep_checkpoints = 3
   c.eval_every_steps = 0
+  c.eval_at_end = True  # COCO evaluation after the last step (real datasets)
   c.max_consecutive_nonfinite = 20
   c.write_tensorboard = True
   # Official --dropblock schedule (spec §7): (from_epoch, block sizes of the 3 positions).
@@ -123,18 +125,50 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_rng_impl = ml_collections.config_dict.placeholder(str)
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.source = "coco"  # 'synthetic' | anything asff_jax.data.make_train_iterator knows
+  # 'coco_tfds' | 'coco_folder' | 'digits' (asff_jax.data.sources) | 'synthetic' (tests)
+  c.dataset.source = "coco_tfds"
+  c.dataset.root = ml_collections.config_dict.placeholder(str)
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "val"
+  c.dataset.use_crowd = True
+  c.dataset.tfds_name = "coco/2017"  # coco_tfds
+  c.dataset.eval_gt_json = ml_collections.config_dict.placeholder(str)  # coco_tfds: GT json
+  c.dataset.max_image_side = 4096  # coco_folder / digits preparation
+  c.dataset.digits_seed = 0
+  c.dataset.digits_num_train = 3000
+  c.dataset.digits_num_val = 500
+  c.dataset.class_names = ()  # filled in from the training split (evaluate / predict read it)
+  c.dataset.category_ids = ()
   c.dataset.input_size = 608
+  c.dataset.random_resize = True
+  c.dataset.sizes = tuple(range(320, 609, 32))
+  c.dataset.resize_every = 10
+  c.dataset.first_size = 608
+  c.dataset.fixed_size_epochs = 10
+  c.dataset.mixup = True
+  c.dataset.no_mixup_epochs = 30
   c.dataset.max_boxes = 50
-  c.dataset.num_train_examples = 117266  # COCO train2017 images with annotations
+  c.dataset.max_raw_boxes = 100
+  c.dataset.threads = ml_collections.config_dict.placeholder(int)
+  c.dataset.augment = ml_collections.ConfigDict(
+      {"flip_p": 0.5, "expand_p": 0.5, "expand_max_scale": 4.0, "affine_p": 0.5, "crop_p": 1.0})
+  c.dataset.num_train_examples = -1  # -1: the length of the training split
   c.dataset.synthetic_max_objects = 3
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.input_size = ml_collections.config_dict.placeholder(int)  # None: dataset.input_size
+  c.eval.batch_size = 8
+  c.eval.conf_thre = 0.001
+  c.eval.nms_thre = 0.65
+  c.eval.pre_nms_topk = 1000
+  c.eval.max_detections = 100
+  c.eval.max_images = 0  # > 0: periodic evaluation on the first N images only
+  c.eval.use_ema = True
+
   c.model = default_model_config()
-  c.loss = ml_collections.ConfigDict()
-  c.loss.label_smoothing = True
-  c.loss.ignore_thre = 0.7
-  c.loss.detach_anchor_targets = False
-  c.loss.adjacent_ignore_eps = ml_collections.config_dict.placeholder(float)
+  from asff_jax.losses import default_loss_config  # pylint: disable=import-outside-toplevel
+  c.loss = default_loss_config()
   c.optimizer = optim.default_optimizer_config()
   c.schedule = optim.default_schedule_config()
 
@@ -147,11 +181,29 @@ def default_config() -> ml_collections.ConfigDict:
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy with ``steps_per_epoch`` and ``num_train_steps`` made concrete (> 0).
 
+  For a real dataset (not ``'synthetic'``) the training split is opened
+  (prepared on first use): ``dataset.num_train_examples`` (if ≤ 0),
+  ``dataset.class_names`` and ``dataset.category_ids`` are filled in and
+  ``model.num_classes`` is checked against it.
+
   Raises:
-    ValueError: if they cannot be derived or are not positive.
+    ValueError: if they cannot be derived or are not positive, or the class
+      count disagrees with the dataset.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   with config.unlocked():
+    if config.dataset.source != "synthetic":
+      # Real datasets: record the split size and the class names / COCO category
+      # ids with the run (evaluate and predict read them from config.json).
+      from asff_jax.data import loader  # pylint: disable=import-outside-toplevel
+      source = loader.train_source(config)
+      loader.check_num_classes(config, source)
+      if int(config.dataset.num_train_examples) <= 0:
+        config.dataset.num_train_examples = len(source)
+      config.dataset.class_names = tuple(str(n) for n in source.class_names)
+      config.dataset.category_ids = tuple(int(c) for c in source.category_ids)
+    elif config.get("steps_per_epoch", -1) <= 0 and int(config.dataset.num_train_examples) <= 0:
+      raise ValueError("dataset.source='synthetic' needs dataset.num_train_examples > 0")
     if config.get("steps_per_epoch", -1) <= 0:
       config.steps_per_epoch = int(config.dataset.num_train_examples) // int(config.batch_size)
     if config.steps_per_epoch <= 0:
@@ -203,8 +255,8 @@ def make_train_iterator(config, start_step: int) -> Iterator[Batch]:
   """Iterator of numpy batches from step ``start_step`` on (see the module docstring).
 
   Raises:
-    NotImplementedError: if ``dataset.source`` is not synthetic and
-      ``asff_jax.data`` has no ``make_train_iterator`` yet.
+    ValueError: unknown ``dataset.source`` or a class-count mismatch
+      (:func:`asff_jax.data.loader.make_train_iterator`).
   """
   if config.dataset.source == "synthetic":
     def gen():
@@ -213,11 +265,8 @@ def make_train_iterator(config, start_step: int) -> Iterator[Batch]:
         yield synthetic_batch(config, step)
         step += 1
     return gen()
-  from asff_jax import data  # pylint: disable=import-outside-toplevel
-  if not hasattr(data, "make_train_iterator"):
-    raise NotImplementedError(f"dataset.source={config.dataset.source!r} needs "
-                              "asff_jax.data.make_train_iterator(config, start_step)")
-  return data.make_train_iterator(config, start_step)
+  from asff_jax.data import loader  # pylint: disable=import-outside-toplevel
+  return loader.make_train_iterator(config, start_step)
 
 
 def _poison(batch: Batch, step: int, nan_steps) -> Batch:
@@ -530,6 +579,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if start_step == 0 and is_main:
     writer.write_hparams({k: v for k, v in _flat(config_to_json_dict(config)).items()})
 
+  if evaluate_fn is None and config.dataset.source != "synthetic" and (
+      int(config.eval_every_steps) > 0 or bool(config.get("eval_at_end", True))):
+    from asff_jax.data import loader  # pylint: disable=import-outside-toplevel
+    evaluate_fn = loader.make_evaluate_fn(config, workdir)
   data_iter = (train_iter_fn or make_train_iterator)(config, start_step)
   nan_steps = set(int(s) for s in config.debug.get("nan_at_steps", ()))
   stop = _StopFlag()
@@ -598,10 +651,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         t_log, steps_since_log = now, 0
       if do_ckpt or stop_now:
         save_checkpoint(mngr, state, config)
-      if do_eval or (is_last and evaluate_fn is not None):
+      if do_eval or (is_last and evaluate_fn is not None and bool(config.get("eval_at_end", True))):
         eval_metrics = evaluate_fn(state, step)
         if eval_metrics:
           writer.write_scalars(step, dict(eval_metrics))
+        t_log = time.time()  # keep evaluation time out of the training images/s
       if stop_now:
         logging.warning("stopping at step %d on signal; checkpoint saved", step)
         break

@@ -1,19 +1,19 @@
-"""YOLOv3 + ASFF at 608 — the official ``--asff`` model (COCO test-dev AP 40.6, paper Table 4 / official README).
+"""YOLOv3 + ASFF at 608: the official ``--asff`` model (paper Table 3: 40.6 AP on val2017; Table 4:
+40.7 on test-dev; official README 40.6).
 
-Load the official weights (``YOLOv3-ASFF_40.6.pth``) with::
+Train (official recipe, :mod:`asff_jax.recipes`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
 
-    python -m asff_jax.convert --pth YOLOv3-ASFF_40.6.pth --config configs/coco_asff_608.py --out DIR
+    python -m asff_jax.train --config configs/coco_asff_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR
 
-Training settings are added by the training issue.
+Load the official weights (YOLOv3-ASFF_40.6.pth) with::
+
+    python -m asff_jax.convert --pth WEIGHTS.pth --config configs/coco_asff_608.py --out DIR
 """
 
-from asff_jax.models import default_model_config
-import ml_collections
+from asff_jax.recipes import coco_config
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.model = default_model_config()  # fusion='asff', rfb=False, compress_c=16, official anchors
-  config.input_size = 608
-  config.paper_ap = 40.6  # COCO test-dev AP reported by the paper / official README
-  return config
+  c = coco_config(fusion="asff", rfb=False, dropblock=False, input_size=608,
+                  paper_ap=40.6)
+  return c

@@ -1,18 +1,19 @@
-"""ASFF* at 608: ASFF + RFB in the heads (compress_c 8), trained with DropBlock and 320–608 random shapes.
+"""ASFF* at 608: ASFF + RFB in the heads (compress_c 8), trained with the DropBlock schedule and
+320-608 random shapes (paper Table 4: 42.4 AP on test-dev; ``--asff --rfb --dropblock``).
 
-COCO test-dev AP 42.4 (paper Table 4 / official README). Official weights are
-loaded with this config (``--asff --rfb`` in the official code).
+Train (official recipe, :mod:`asff_jax.recipes`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+
+    python -m asff_jax.train --config configs/coco_asff_star_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR
+
+Load the official weights (the ``--asff --rfb`` weights) with::
+
+    python -m asff_jax.convert --pth WEIGHTS.pth --config configs/coco_asff_star_608.py --out DIR
 """
 
-from asff_jax.models import default_model_config
-import ml_collections
+from asff_jax.recipes import coco_config
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.model = default_model_config()
-  config.model.rfb = True
-  config.model.dropblock = True
-  config.input_size = 608
-  config.paper_ap = 42.4
-  return config
+  c = coco_config(fusion="asff", rfb=True, dropblock=True, input_size=608,
+                  paper_ap=42.4)
+  return c

@@ -28,6 +28,11 @@ def get_config():
   config.dataset.max_boxes = 8
   config.dataset.num_train_examples = 8
   config.dataset.synthetic_max_objects = 3
+  # for runs on real data (e.g. --config.dataset.source=digits): one fixed size, no mixup
+  config.dataset.random_resize = False
+  config.dataset.first_size = 64
+  config.dataset.mixup = False
+  config.eval.input_size = 64
 
   config.model.width = 0.125
   config.model.stage_blocks = (1, 1, 1, 1, 1)

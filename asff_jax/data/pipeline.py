@@ -213,7 +213,7 @@ def _options(threads, deterministic=True):
 def train_dataset(source, *, seed, global_batch_size, start_step=0, size_schedule=608,
                   mixup_schedule=True, max_boxes=50, max_raw_boxes=100, process_index=None,
                   process_count=None, num_steps=None, threads=None, prefetch=2,
-                  drop_crowd=False, fast_decode=True):
+                  drop_crowd=False, fast_decode=True, augment=None):
   """The ``tf.data.Dataset`` behind :func:`train_batches` (same arguments).
 
   Elements: ``{'images': (B_local, S, S, 3) f32, 'labels': (B_local, max_boxes, 6) f32,
@@ -229,6 +229,7 @@ def train_dataset(source, *, seed, global_batch_size, start_step=0, size_schedul
   size_fn = size_schedule if callable(size_schedule) else (lambda s, v=int(size_schedule): v)
   mix_fn = mixup_schedule if callable(mixup_schedule) else (lambda s, v=bool(mixup_schedule): v)
   seed = int(seed)
+  augment = dict(augment or {})
   empty = (b"", np.zeros((k, 4), np.float32), np.zeros((k,), np.int32), np.int32(0))
 
   def read(e):
@@ -281,7 +282,7 @@ def train_dataset(source, *, seed, global_batch_size, start_step=0, size_schedul
     boxes = tf.ensure_shape(boxes, (2 * k, 4))
     classes, weights, valid = (tf.ensure_shape(x, (2 * k,)) for x in (classes, weights, valid))
     image, labels = T.train_transform(image, boxes, classes, weights, valid, s_tf, size,
-                                      max_boxes=max_boxes)
+                                      max_boxes=max_boxes, **augment)
     return {"images": image, "labels": labels, "step": step}
 
   stop = None if num_steps is None else int(num_steps) * bl
@@ -295,7 +296,7 @@ def train_dataset(source, *, seed, global_batch_size, start_step=0, size_schedul
 def train_batches(source, *, seed, global_batch_size, start_step=0, size_schedule=608,
                   mixup_schedule=True, max_boxes=50, max_raw_boxes=100, process_index=None,
                   process_count=None, num_steps=None, threads=None, prefetch=2,
-                  drop_crowd=False, fast_decode=True) -> Iterator[dict]:
+                  drop_crowd=False, fast_decode=True, augment=None) -> Iterator[dict]:
   """Per-process training batches, a pure function of ``(seed, step)`` (spec §7-§8).
 
   Args:
@@ -320,6 +321,9 @@ def train_batches(source, *, seed, global_batch_size, start_step=0, size_schedul
     prefetch: batches to prefetch.
     drop_crowd: drop ``is_crowd`` boxes (official keeps them as targets, spec §8).
     fast_decode: decode JPEGs with the fast integer DCT (see :func:`decode`).
+    augment: keyword overrides of :func:`asff_jax.data.transforms.train_transform`
+      (``flip_p``, ``expand_p``, ``expand_max_scale``, ``affine_p``, ``min_size``);
+      None = official.
 
   Yields:
     ``{'images': (B/P, S, S, 3) float32, 'labels': (B/P, max_boxes, 6) float32,
@@ -330,7 +334,8 @@ def train_batches(source, *, seed, global_batch_size, start_step=0, size_schedul
                      mixup_schedule=mixup_schedule, max_boxes=max_boxes,
                      max_raw_boxes=max_raw_boxes, process_index=process_index,
                      process_count=process_count, num_steps=num_steps, threads=threads,
-                     prefetch=prefetch, drop_crowd=drop_crowd, fast_decode=fast_decode)
+                     prefetch=prefetch, drop_crowd=drop_crowd, fast_decode=fast_decode,
+                     augment=augment)
   for batch in ds.as_numpy_iterator():
     yield {"images": batch["images"], "labels": batch["labels"], "step": int(batch["step"][0])}
 

@@ -283,7 +283,7 @@ def _iou_boxes_roi(boxes, roi):
   return inter / (area_b + area_r - inter)
 
 
-def ssd_crop_params(seed, height, width, boxes, valid, *, rounds=8, trials=50, min_scale=0.3):
+def ssd_crop_params(seed, height, width, boxes, valid, *, rounds=8, trials=50, min_scale=0.3, p=1.0):
   """Official ``_crop`` (spec §8.3) as a fixed number of vectorised draws.
 
   Official loop: repeat { mode ~ U{none, .1, .3, .5, .7, .9, any}; if none:
@@ -303,6 +303,9 @@ def ssd_crop_params(seed, height, width, boxes, valid, *, rounds=8, trials=50, m
 
   Args:
     seed: ``(2,)``; height, width: image size; boxes ``(K, 4)``; valid ``(K,)``.
+    p: probability that the crop is attempted at all (official 1.0: always;
+      its own "none" mode already leaves 1/7 of the images uncropped). The
+      draw uses a sub-seed of its own, so ``p=1`` gives the official stream.
 
   Returns:
     ``(window, apply)``: ``(4,)`` int32 ``[x0, y0, x1, y1]`` (the whole image
@@ -335,7 +338,7 @@ def ssd_crop_params(seed, height, width, boxes, valid, *, rounds=8, trials=50, m
   round_done = is_none | tf.reduce_any(ok, -1)
   r = tf.argmax(tf.cast(round_done, tf.int32), output_type=tf.int32)
   tr = tf.argmax(tf.cast(ok[r], tf.int32), output_type=tf.int32)
-  apply = tf.reduce_any(round_done) & ~is_none[r] & tf.reduce_any(valid)
+  apply = tf.reduce_any(round_done) & ~is_none[r] & tf.reduce_any(valid) & _coin(s[5], p)
   full = tf.stack([0.0, 0.0, wf, hf])
   window = tf.where(apply, roi[r, tr], full)
   return tf.cast(window, tf.int32), apply
@@ -670,7 +673,8 @@ def _flip_matrix(width):
 
 
 def train_transform(image, boxes, classes, weights, valid, seed, size, *, max_boxes=50,
-                    min_size=6.0, crop_rounds=8, fill=FILL_RGB):
+                    min_size=6.0, crop_rounds=8, fill=FILL_RGB, flip_p=0.5, expand_p=0.5,
+                    expand_max_scale=4.0, affine_p=0.5, crop_p=1.0):
   """Official TrainTransform (spec §8) for one (possibly mixed-up) sample.
 
   Args:
@@ -678,6 +682,10 @@ def train_transform(image, boxes, classes, weights, valid, seed, size, *, max_bo
     boxes: ``(K, 4)`` xyxy pixels; classes ``(K,)`` int32; weights ``(K,)``
       float32 (mixup weight, 1 without mixup); valid ``(K,)`` bool.
     seed: ``(2,)``; size: int (python or scalar tensor), square output side S.
+    flip_p, expand_p, expand_max_scale, affine_p, crop_p: augmentation strength
+      (official: 0.5, 0.5, 4.0, 0.5, 1.0). Changing them keeps the random streams of
+      the other ops unchanged. E.g. the digits config sets ``flip_p=0``
+      (mirrored digits are not digits).
 
   Returns:
     ``(image (S, S, 3) float32 normalised, labels (max_boxes, 6) float32)``.
@@ -717,18 +725,19 @@ def train_transform(image, boxes, classes, weights, valid, seed, size, *, max_bo
 
   # distort, expand, crop
   img = tf.cast(photometric_distort(image, s[SEED_DISTORT]), tf.uint8)  # clipped; truncation
-  ch, cw, top, left = expand_params(s[SEED_EXPAND], h0, w0)
+  ch, cw, top, left = expand_params(s[SEED_EXPAND], h0, w0, p=expand_p,
+                                     max_scale=expand_max_scale)
   bx = boxes + tf.cast(tf.stack([left, top, left, top]), tf.float32)
-  window, crop_on = ssd_crop_params(s[SEED_CROP], ch, cw, bx, valid, rounds=crop_rounds)
+  window, crop_on = ssd_crop_params(s[SEED_CROP], ch, cw, bx, valid, rounds=crop_rounds, p=crop_p)
   img = extract_window(img, window, (left, top), fill)
   bx, vd = crop_boxes(bx, valid, window, crop_on)
   hc, wc = _hw(img)
 
   # random draws of flip, affine, interpolation (same sub-seed use as the standalone ops)
   method = _randint(s[SEED_RESIZE], len(INTERPOLATIONS))
-  flip_on = _coin(s[SEED_FLIP], 0.5)
+  flip_on = _coin(s[SEED_FLIP], flip_p)
   sa = split_seed(s[SEED_AFFINE], 2)
-  affine_on = _coin(sa[0], 0.5)
+  affine_on = _coin(sa[0], affine_p)
   m, angle = affine_params(sa[1], hc, wc)
 
   # boxes: resize -> flip -> conjugated affine (== official flip -> affine -> resize)

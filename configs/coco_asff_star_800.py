@@ -1,0 +1,21 @@
+"""ASFF* at 800 (paper Table 4: 43.9 AP on test-dev). The official README trains it with "480-800"
+random shapes, a range its code does not have; here the sizes are 480..800 (step 32), the final and
+evaluation size 800.
+
+Train (official recipe, :mod:`asff_jax.recipes`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+
+    python -m asff_jax.train --config configs/coco_asff_star_800.py --workdir DIR --config.dataset.data_dir=DATA_DIR
+
+Load the official weights (the ``--asff --rfb`` weights) with::
+
+    python -m asff_jax.convert --pth WEIGHTS.pth --config configs/coco_asff_star_800.py --out DIR
+"""
+
+from asff_jax.recipes import coco_config
+
+
+def get_config():
+  c = coco_config(fusion="asff", rfb=True, dropblock=True, input_size=800,
+                  paper_ap=43.9)
+  c.dataset.sizes = tuple(range(480, 801, 32))
+  return c

@@ -1,0 +1,76 @@
+"""Default config: ASFF at reduced width on the built-in digits dataset, trained on 2 CPU cores.
+
+    python -m asff_jax.train --config configs/default.py --workdir /tmp/asff_default
+
+Creates the digits dataset on first use (``~/.cache/asff_jax/digits``, about
+20 s), trains for ``num_train_steps`` and prints COCO AP on the digits val
+split at the end (and a quick estimate on 200 val images every
+``eval_every_steps``). The whole run, dataset creation and compilation
+included, is sized to finish within 20 minutes on a 2-core CPU; README quotes
+the measured time and AP.
+
+What differs from the official COCO recipe (``configs/coco_asff_608.py``), and
+why: a 20-minute from-scratch budget on a CPU. The detector itself (Darknet
+residual backbone with SPP neck, ASFF fusion, guided-anchor heads with the
+deformable feature adaption and the anchor-free slot, the official loss with
+IoU loss and label smoothing) is the official one; only its width and depth
+shrink.
+
+* model: width 1/4, stage blocks (1, 1, 2, 2, 1) instead of (1, 2, 8, 8, 4),
+  10 classes, the official anchors scaled by 1/2 (input 256 instead of 608);
+* input: fixed 256 px (no random shape: every size would cost its own
+  compilation; 320 px trained at 10 img/s, 256 px at 16 img/s on this
+  machine), no mixup, no horizontal flip (a mirrored digit is not a digit),
+  milder zoom-out (expand ≤ 2× with p 0.3);
+* optimizer: AdamW 2e-3 with gradient clipping, linear warm-up of half an
+  epoch and a per-step cosine to 5% (the official SGD 1e-3 with a 5-epoch
+  4th-power burn-in is tuned for 300 COCO epochs).
+"""
+
+from asff_jax.models.config import OFFICIAL_ANCHORS
+from asff_jax.train import default_config
+
+
+def get_config():
+  c = default_config()
+  c.seed = 0
+  c.batch_size = 16
+  c.num_train_steps = 1000
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 250
+  c.keep_checkpoints = 2
+  c.eval_every_steps = 250
+
+  c.dataset.source = "digits"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "val"
+  c.dataset.input_size = 256
+  c.dataset.random_resize = False
+  c.dataset.first_size = 256
+  c.dataset.mixup = False
+  c.dataset.no_mixup_epochs = 0
+  c.dataset.fixed_size_epochs = 0
+  c.dataset.max_boxes = 20
+  c.dataset.augment.flip_p = 0.0
+  c.dataset.augment.expand_p = 0.3
+  c.dataset.augment.expand_max_scale = 2.0
+  c.dataset.augment.affine_p = 0.5
+
+  c.eval.max_images = 200  # periodic estimate; the final evaluation uses the whole split
+  c.eval.batch_size = 20
+
+  c.model.num_classes = 10
+  c.model.fusion = "asff"
+  c.model.width = 0.25
+  c.model.stage_blocks = (1, 1, 2, 2, 1)
+  with c.model.ignore_type():
+    c.model.anchors = tuple((0.5 * w, 0.5 * h) for w, h in OFFICIAL_ANCHORS)
+
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 2e-3
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.clip_grad_norm = 10.0
+  c.schedule.name = "warmup_cosine"
+  c.schedule.warmup_epochs = 0.5
+  c.schedule.min_lr = 1e-4
+  return c
