@@ -16,7 +16,7 @@ class probability, per-class NMS ``eval.nms_thre``, at most
   (detections with score ≥ ``--score_thre``);
 * ``OUT/detections.json``: ``{file: [{"bbox": [x1, y1, x2, y2], "score",
   "class", "class_name", "category_id"}]}`` in original-image pixels (xyxy,
-  continuous corners), every detection above ``--score_thre``;
+  continuous corners, clipped to the image), every detection above ``--score_thre``;
 * with ``--fusion-maps`` (ASFF models): ``OUT/<stem>_fusion.png``, the learned
   fusion weights α/β/γ (paper Eq. 1-2) of the three fused levels as heat maps
   with the detections — the paper's Figure 3.
@@ -168,6 +168,8 @@ def predict_files(workdir: str, images: Sequence[str], out: str, *, config=None,
     res = jax.tree.map(np.asarray, predict(variables, x))
     k = int(res["num_valid"][0])
     boxes = to_original(res["boxes"][0, :k], size, image.shape[:2])
+    h, w = image.shape[:2]
+    boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
     dets = []
     for b, s, c in zip(boxes, res["scores"][0, :k], res["classes"][0, :k]):
       if float(s) < score_thre:

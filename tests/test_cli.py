@@ -115,7 +115,7 @@ def test_predict_cli_writes_images_json_and_fusion_maps(trained, tmp_path):
     w, h = Image.open(p).size
     for d in det["detections"][str(p)]:
       x1, y1, x2, y2 = d["bbox"]
-      assert x1 <= x2 and y1 <= y2 and d["class_name"] == str(d["class"])
+      assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h and d["class_name"] == str(d["class"])
       assert 0.0 <= d["score"] <= 1.0 and d["category_id"] == d["class"] + 1
     assert len(det["detections"][str(p)]) > 0  # score_thre 0 keeps the NMS survivors
   # boxes are in original pixels: a non-square input image maps back per axis
