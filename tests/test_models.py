@@ -275,3 +275,29 @@ def test_deform_conv_gradients_finite_difference():
     args = [jnp.asarray(a, jnp.float64) for a in (x, off, kernel)]
     from jax.test_util import check_grads
     check_grads(f, args, order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
+
+
+def test_objectness_bias_prior_init():
+  """``model.obj_bias_prior``: objectness logits start at logit(π), everything else unchanged."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from asff_jax.models import create_model, default_model_config  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict({"model": default_model_config()})
+  c.model.width, c.model.stage_blocks, c.model.num_classes = 0.125, (1, 1, 1, 1, 1), 3
+  x = jnp.zeros((1, 64, 64, 3))
+  v0 = create_model(c).init(jax.random.key(0), x)
+  c.model.obj_bias_prior = 0.01
+  v1 = create_model(c).init(jax.random.key(0), x)
+  for l in range(3):
+    b0 = np.asarray(v0["params"][f"head_{l}"]["conv"]["bias"])
+    b1 = np.asarray(v1["params"][f"head_{l}"]["conv"]["bias"])
+    obj = np.arange(4) * (5 + 3) + 4
+    np.testing.assert_allclose(b1[obj], np.log(0.01 / 0.99), rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(b1, obj), 0.0)
+    np.testing.assert_array_equal(b0, 0.0)  # official: zero bias
+  rest0 = [a for p, a in jax.tree_util.tree_leaves_with_path(v0["params"]) if "bias" not in str(p)]
+  rest1 = [a for p, a in jax.tree_util.tree_leaves_with_path(v1["params"]) if "bias" not in str(p)]
+  assert all(np.array_equal(a, b) for a, b in zip(rest0, rest1))
+  c.model.obj_bias_prior = 1.5
+  with pytest.raises(ValueError, match="obj_bias_prior"):
+    create_model(c).init(jax.random.key(0), x)

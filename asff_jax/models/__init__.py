@@ -45,6 +45,7 @@ def create_model(config) -> YOLOv3:
       width=float(m.width),
       stage_blocks=tuple(int(b) for b in m.stage_blocks),
       dtype=_DTYPES[m.dtype],
+      obj_bias_prior=m.get("obj_bias_prior", None),
   )
 
 

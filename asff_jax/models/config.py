@@ -42,6 +42,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.width = 1.0
   c.stage_blocks = (1, 2, 8, 8, 4)
   c.compress_c = ml_collections.config_dict.placeholder(int)
+  # None = official (zero bias); π in (0, 1): objectness bias starts at logit(π) (not official)
+  c.obj_bias_prior = ml_collections.config_dict.placeholder(float)
   c.dtype = "float32"
   return c
 

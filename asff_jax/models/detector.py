@@ -7,7 +7,7 @@ the Table 3 sum/concat variants.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -62,6 +62,7 @@ class YOLOv3(nn.Module):
   width: float = 1.0
   stage_blocks: Sequence[int] = OFFICIAL_STAGE_BLOCKS
   dtype: Any = jnp.float32
+  obj_bias_prior: Optional[float] = None  # see models.head.objectness_bias_init (not official)
 
   @nn.compact
   def __call__(self, images, train: bool = False, dropblock=None):
@@ -76,7 +77,8 @@ class YOLOv3(nn.Module):
     for l in range(3):
       fused = LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype,
                           name=f"fusion_{l}")(neck, train)
-      head = GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, name=f"head_{l}")(fused["out"])
+      head = GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, self.obj_bias_prior,
+                              name=f"head_{l}")(fused["out"])
       head["head_input"] = fused["out"]
       if "weights" in fused:
         head["fusion_weights"] = fused["weights"]

@@ -20,7 +20,7 @@ probabilities by independent sigmoids.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -61,6 +61,28 @@ class FeatureAdaption(nn.Module):
     return out
 
 
+def objectness_bias_init(num_classes: int, prior: Optional[float]):
+  """Bias initialiser of the prediction conv: zeros (official), or objectness logits at ``prior``.
+
+  With ``prior`` = π the objectness channels ``(5 + C)·slot + 4`` start at
+  ``log(π / (1 − π))`` so that every cell predicts objectness π instead of
+  0.5 (the focal-loss paper's prior init; not in the official code). The
+  other channels start at zero.
+  """
+  if prior is None:
+    return nn.initializers.zeros
+  if not 0.0 < float(prior) < 1.0:
+    raise ValueError(f"model.obj_bias_prior must be in (0, 1), got {prior}")
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    b = jnp.zeros(shape, dtype)
+    idx = jnp.arange(NUM_SLOTS) * (5 + num_classes) + 4
+    return b.at[idx].set(jnp.log(prior / (1.0 - prior)).astype(dtype))
+
+  return init
+
+
 class GuidedAnchorHead(nn.Module):
   """Head for one level; see the module docstring.
 
@@ -68,6 +90,8 @@ class GuidedAnchorHead(nn.Module):
     num_classes: number of classes C.
     rfb: apply the RFB block before the DCN (ASFF*).
     dtype: compute dtype (outputs ``raw`` and ``guide_wh`` are float32).
+    obj_bias_prior: None (official zero bias) or the initial objectness π
+      (:func:`objectness_bias_init`).
 
   Call with ``(B, H, W, C_in)``; returns a dict with ``'raw'``
   ``(B, H, W, 4·(5 + C))``, ``'guide_wh'`` ``(B, H, W, 8)``, ``'offset'``,
@@ -77,6 +101,7 @@ class GuidedAnchorHead(nn.Module):
   num_classes: int
   rfb: bool = False
   dtype: Any = jnp.float32
+  obj_bias_prior: Optional[float] = None
 
   @nn.compact
   def __call__(self, x):
@@ -85,7 +110,9 @@ class GuidedAnchorHead(nn.Module):
     guide_wh = guide_wh.astype(jnp.float32)
     out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, name="feature_adaption")(x, guide_wh)
     raw = nn.Conv(NUM_SLOTS * (5 + self.num_classes), (1, 1), use_bias=True, dtype=self.dtype,
-                  param_dtype=jnp.float32, kernel_init=conv_init, name="conv")(out["adapted"])
+                  param_dtype=jnp.float32, kernel_init=conv_init, name="conv",
+                  bias_init=objectness_bias_init(self.num_classes, self.obj_bias_prior))(
+                      out["adapted"])
     out["raw"] = raw.astype(jnp.float32)
     out["guide_wh"] = guide_wh
     return out
