@@ -194,7 +194,8 @@ def nms_fixed_single(pred,
                      nms_thre: float = NMS_THRE,
                      pre_nms_topk: int = PRE_NMS_TOPK,
                      max_detections: int = MAX_DETECTIONS,
-                     materialize_iou: Optional[bool] = None):
+                     materialize_iou: Optional[bool] = None,
+                     sort_topk: bool = False):
   """Fixed-size per-class NMS of one image; see :func:`nms_fixed`.
 
   Args:
@@ -225,7 +226,10 @@ def nms_fixed_single(pred,
 
   # Stable top-k (ties: lower index first), invalid boxes pushed to the end.
   key = jnp.where(valid, score, -jnp.inf)
-  _, idx = jax.lax.top_k(key, k)
+  if sort_topk:  # plain StableHLO sort (portable to older consumers, e.g. TF's XlaCallModule)
+    idx = jnp.argsort(-key, stable=True)[:k].astype(jnp.int32)
+  else:
+    _, idx = jax.lax.top_k(key, k)
   b = boxes[idx]
   s = score[idx]
   c = class_id[idx]
@@ -264,14 +268,15 @@ def nms_fixed_single(pred,
 
 @functools.partial(jax.jit,
                    static_argnames=("conf_thre", "nms_thre", "pre_nms_topk", "max_detections",
-                                    "materialize_iou"))
+                                    "materialize_iou", "sort_topk"))
 def nms_fixed(pred,
               *,
               conf_thre: float = COCO_EVAL_CONF_THRE,
               nms_thre: float = NMS_THRE,
               pre_nms_topk: int = PRE_NMS_TOPK,
               max_detections: int = MAX_DETECTIONS,
-              materialize_iou: Optional[bool] = None):
+              materialize_iou: Optional[bool] = None,
+              sort_topk: bool = False):
   """Fixed-size, jit/vmap-compatible official post-processing (spec §5).
 
   Semantics are those of :func:`postprocess_reference` (threshold, per-class
@@ -304,6 +309,10 @@ def nms_fixed(pred,
     nms_thre: IoU threshold, default 0.65 (official; the paper says 0.6).
     pre_nms_topk: candidates entering NMS, ``K = min(pre_nms_topk, N)``.
     max_detections: output size ``D`` (default 100, as COCO).
+    sort_topk: select the candidates with a stable ``argsort`` instead of
+      ``lax.top_k`` (same result, ~10x slower on CPU, negligible next to the
+      network). ``lax.top_k`` lowers to a StableHLO composite newer than
+      what TensorFlow's ``XlaCallModule`` reads, so the SavedModel export uses this.
     materialize_iou: ``True`` builds the ``(K, K)`` IoU matrix once, ``False``
       computes one row per step; ``None`` picks ``K <= 2048``. Same result.
 
@@ -320,7 +329,7 @@ def nms_fixed(pred,
   """
   fn = functools.partial(nms_fixed_single, conf_thre=conf_thre, nms_thre=nms_thre,
                          pre_nms_topk=pre_nms_topk, max_detections=max_detections,
-                         materialize_iou=materialize_iou)
+                         materialize_iou=materialize_iou, sort_topk=sort_topk)
   return jax.vmap(fn)(pred)
 
 

@@ -128,12 +128,18 @@ def plot_fusion_maps(image: np.ndarray, dets: Sequence[dict], fusion_weights, pa
   plt.close(fig)
 
 
+def _rounded(det: dict) -> dict:
+  """A detection for the JSON file: box to 0.01 px, score to 1e-4."""
+  return dict(det, bbox=[round(v, 2) for v in det["bbox"]], score=round(det["score"], 4))
+
+
 def predict_files(workdir: str, images: Sequence[str], out: str, *, config=None, step=None,
                   score_thre: float = 0.3, fusion_maps: bool = False, log=print) -> dict:
   """Runs the checkpoint on ``images`` and writes the outputs described in the module docstring.
 
   Returns:
-    ``{'detections': {file: [...]}, 'failed': {file: reason}, 'step': int}``.
+    ``{'detections': {file: [...]}, 'failed': {file: reason}, 'step': int}``
+    (full float32 precision; the JSON file rounds boxes to 0.01 px, scores to 1e-4).
   """
   import jax  # pylint: disable=import-outside-toplevel
   from asff_jax import checkpoints, inference  # pylint: disable=import-outside-toplevel
@@ -175,7 +181,7 @@ def predict_files(workdir: str, images: Sequence[str], out: str, *, config=None,
       if float(s) < score_thre:
         continue
       c = int(c)
-      dets.append({"bbox": [round(float(v), 2) for v in b], "score": round(float(s), 4),
+      dets.append({"bbox": [float(v) for v in b], "score": float(s),
                    "class": c, "class_name": names[c] if c < len(names) else str(c),
                    "category_id": int(cat_ids[c]) if c < len(cat_ids) else c})
     stem = Path(path).stem
@@ -187,7 +193,8 @@ def predict_files(workdir: str, images: Sequence[str], out: str, *, config=None,
     log(f"{path}: {len(dets)} detections")
   with open(os.path.join(out, "detections.json"), "w") as f:
     json.dump({"step": int(step), "score_thre": score_thre, "input_size": size,
-               "detections": results, "failed": failed}, f, indent=1)
+               "detections": {k: [_rounded(d) for d in v] for k, v in results.items()},
+               "failed": failed}, f, indent=1)
   return {"detections": results, "failed": failed, "step": int(step)}
 
 

@@ -202,8 +202,11 @@ def test_fixed_topk_truncation_and_iou_modes(pred):
                     materialize_iou=True)
   out_r = nms_fixed(pred, conf_thre=conf, nms_thre=nms, pre_nms_topk=topk, max_detections=max_det,
                     materialize_iou=False)
+  out_s = nms_fixed(pred, conf_thre=conf, nms_thre=nms, pre_nms_topk=topk, max_detections=max_det,
+                    sort_topk=True)  # the export's portable candidate selection
   for key in out_m:
     np.testing.assert_array_equal(np.asarray(out_m[key]), np.asarray(out_r[key]))
+    np.testing.assert_array_equal(np.asarray(out_m[key]), np.asarray(out_s[key]))
   # Equivalent reference: drop every row outside the stable top-k by zeroing its
   # objectness (its score then fails the threshold).
   truncated = pred.copy()
