@@ -167,6 +167,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.use_ema = True
 
   c.model = default_model_config()
+  # Backbone start (not official; the official recipe loads an ImageNet-pretrained Darknet-53):
+  # a file from asff_jax.pretrain / save_backbone, merged into a fresh model (ignored on resume).
+  c.model.backbone_init = ml_collections.config_dict.placeholder(str)
+  # pretrain.steps > 0 (and no backbone_init): crop-classification pre-training of the backbone
+  # on the training split before step 0 (asff_jax.pretrain), saved as WORKDIR/backbone_pretrain.msgpack.
+  from asff_jax.pretrain import DEFAULTS as _PRETRAIN  # pylint: disable=import-outside-toplevel
+  c.pretrain = ml_collections.ConfigDict(dict(_PRETRAIN))
   from asff_jax.losses import default_loss_config  # pylint: disable=import-outside-toplevel
   c.loss = default_loss_config()
   c.optimizer = optim.default_optimizer_config()
@@ -509,6 +516,43 @@ class _MetricsLog:
     return out
 
 
+PRETRAIN_FILE = "backbone_pretrain.msgpack"
+
+
+def initial_backbone(config, workdir: str, *, is_main: bool = True) -> Optional[dict]:
+  """The backbone a fresh run starts from, or None (random init).
+
+  ``model.backbone_init`` (a file from :func:`asff_jax.pretrain.save_backbone`)
+  wins; otherwise ``pretrain.steps > 0`` runs :func:`asff_jax.pretrain.pretrain_backbone`
+  on the training split, or reuses ``WORKDIR/backbone_pretrain.msgpack`` from an
+  earlier start of the same run (a run killed before its first checkpoint does
+  not pre-train twice). Every process computes the same pre-training (same
+  seed, same data); the main one writes the file and ``WORKDIR/pretrain.json``.
+
+  Raises:
+    FileNotFoundError / ValueError: ``model.backbone_init`` missing or not a backbone file.
+  """
+  from asff_jax import pretrain  # pylint: disable=import-outside-toplevel
+
+  path = config.model.get("backbone_init", None)
+  if path:
+    tree = pretrain.load_backbone(path)
+    logging.info("backbone initialised from %s", path)
+    return dict(tree, source=str(path))
+  if int(pretrain.pretrain_settings(config)["steps"]) <= 0:
+    return None
+  path = os.path.join(workdir, PRETRAIN_FILE)
+  if os.path.exists(path):
+    logging.info("backbone from the earlier pre-training %s", path)
+    return dict(pretrain.load_backbone(path), source=path)
+  res = pretrain.pretrain_backbone(config, log=logging.info)
+  if is_main:
+    pretrain.save_backbone(path, res)
+    with open(os.path.join(workdir, "pretrain.json"), "w") as f:
+      json.dump(res["report"], f, indent=1)
+  return {"params": res["params"], "batch_stats": res["batch_stats"], "source": path}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        evaluate_fn: Optional[EvaluateFn] = None,
                        loss_fn: Optional[LossFn] = None,
@@ -566,8 +610,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                           use_ema=use_ema), latest)
   else:
     init_key = jax.random.key(int(config.seed), impl=config.get("init_rng_impl", None))
+    backbone = initial_backbone(config, workdir, is_main=is_main)
+    init_variables = None
+    if backbone is not None:
+      from asff_jax.pretrain import merge_backbone  # pylint: disable=import-outside-toplevel
+      init_variables = lambda: merge_backbone(
+          model.init(init_key, jnp.zeros(input_shape, jnp.float32), train=False), backbone,
+          backbone["source"])
     state = create_train_state(model, opt.tx, init_key, input_shape,
-                               sharding=repl, use_ema=use_ema)
+                               sharding=repl, use_ema=use_ema, init_variables=init_variables)
   start_step = int(shd.to_host(state.step))
 
   step_fn = make_train_step_fn(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn,
