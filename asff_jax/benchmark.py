@@ -1,6 +1,6 @@
-"""Benchmarks, run on demand: ``python -m asff_jax.benchmark [--what input] [--quick] [--out F.json]``.
+"""Benchmarks, run on demand: ``python -m asff_jax.benchmark [--what input|model|train|all] [--quick] [--out F.json]``.
 
-Implemented so far: ``--what input``, the training input pipeline (spec §7-§8):
+``--what input``: the training input pipeline (spec §7-§8):
 JPEG decode of both mixup images, mixup, the full official TrainTransform at
 608 px, batching — through :func:`asff_jax.data.pipeline.measure_throughput`
 with one tf.data thread, on in-memory 640x480 JPEGs (COCO-like size). The
@@ -10,11 +10,25 @@ next to the official PyTorch/OpenCV augmentation's per-core rate measured on
 this project's machine (about 29 images/s per core at 608 including JPEG
 decode and mixup, issue 7) as a ratio (target ≥ 2).
 
-Model and train-step benchmarks (``--what model|train``) come with the
-benchmark issue.
+``--what model`` / ``--what train`` (issue 7): the eval forward and the
+training step (official loss, its gradient, an SGD-momentum update; 8 boxes per
+image) of the full-size detectors — ``none`` (baseline), ``asff`` and ASFF*
+(``asff_star``: RFB) — for each input size, batch size and dtype asked for.
+Per case: compile time; the FLOPs XLA's cost analysis counts in the compiled
+function; the median time of ``repeats`` runs; achieved GFLOP/s and its ratio to
+a dense float32 matmul peak measured in the same process (part of every
+model/train run); XLA's peak memory estimate (arguments +
+outputs + temporaries); the ASFF/baseline time ratio at the same shape; and,
+for the forward, the deformable convs' share (the three heads' DCN compiled
+alone on inputs of the same shapes, divided by the forward time). Weights are
+random (:func:`asff_jax.models.random_variables`): speed does not depend on
+their values.
 
-``--quick``: tiny sizes and few batches (CI smoke mode; the numbers are only
-checked for consistency).
+Defaults run the whole grid (models none/asff/asff_star × sizes 320/416/608 ×
+batches 1/8 × float32/bfloat16), which takes a long time on a CPU; select
+with ``--models``, ``--sizes``, ``--batches``, ``--dtypes``, ``--repeats``.
+Results for this machine, with the command, are in ``experiments/benchmarks.md``.
+
 """
 
 from __future__ import annotations
@@ -25,6 +39,10 @@ import sys
 
 #: Official augmentation rate per core on this machine (issue 7), images/s.
 OFFICIAL_AUG_IMAGES_PER_CORE = 29.0
+#: The official PyTorch model on this machine (float32, 2 threads; issue 7), seconds.
+OFFICIAL_SECONDS = {("forward", 416, 1): 0.63, ("forward", 608, 1): 1.24,
+                    ("train", 320, 4): 5.6, ("train", 416, 4): 10.1}
+MODELS = ("none", "asff", "asff_star")
 
 
 def bench_input(quick: bool = False) -> dict:
@@ -55,18 +73,231 @@ def format_input(res: dict) -> str:
   return "\n".join(lines)
 
 
+def _median_time(fn, repeats: int) -> float:
+  import time  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  times = []
+  for _ in range(max(int(repeats), 1)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(sorted(times)[len(times) // 2])
+
+
+def _compile(fn, *args):
+  """(compiled, compile seconds, flops, peak bytes) of ``jax.jit(fn)`` at ``args``."""
+  import time  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  seconds = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = float((cost or {}).get("flops", float("nan")))
+  peak = float("nan")
+  try:
+    mem = compiled.memory_analysis()
+    peak = float(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                 - mem.alias_size_in_bytes)
+  except Exception:  # not every backend reports memory  pylint: disable=broad-except
+    pass
+  return compiled, seconds, flops, peak
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
+  """Dense float32 ``(n, n) @ (n, n)`` rate of this backend: ``{'n', 'seconds', 'gflops'}``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  compiled, _, _, _ = _compile(lambda x, y: x @ y, a, b)
+  jax.block_until_ready(compiled(a, b))
+  t = _median_time(lambda: compiled(a, b), repeats)
+  return {"n": n, "seconds": t, "gflops": 2.0 * n**3 / t / 1e9}
+
+
+def model_config(name: str, *, dtype: str = "float32", quick: bool = False):
+  """Config of benchmark model ``name`` (``none``, ``asff``, ``asff_star``); ``quick``: 1/8 width, 10 classes."""
+  from asff_jax import recipes  # pylint: disable=import-outside-toplevel
+
+  if name not in MODELS:
+    raise ValueError(f"--models: unknown model {name!r}; choose from {MODELS}")
+  c = recipes.coco_config(fusion="none" if name == "none" else "asff", rfb=name == "asff_star",
+                          dropblock=name == "asff_star")
+  c.model.dtype = dtype
+  if quick:
+    c.model.width = 0.125
+    c.model.stage_blocks = (1, 1, 1, 1, 1)
+    c.model.num_classes = 10
+  return c
+
+
+def _random_labels(batch: int, size: int, num_classes: int, boxes: int = 8, seed: int = 0):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(seed)
+  wh = rng.uniform(0.05, 0.5, (batch, boxes, 2)) * size
+  cxy = rng.uniform(0.0, 1.0, (batch, boxes, 2)) * (size - wh) + wh / 2
+  cls = rng.integers(0, num_classes, (batch, boxes, 1))
+  return np.concatenate([cls, cxy, wh], -1).astype(np.float32)
+
+
+def _dcn_inputs(variables, size: int, batch: int, dtype):
+  """Per head: (dconv kernel, bias, x, offset) at the shapes the forward sees."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from asff_jax.models.config import STRIDES  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  out = []
+  for l, stride in enumerate(STRIDES):
+    dconv = variables["params"][f"head_{l}"]["feature_adaption"]["dconv"]
+    c = dconv["kernel"].shape[2]
+    hw = size // stride
+    x = rng.standard_normal((batch, hw, hw, c)).astype(dtype)
+    offset = rng.uniform(-2, 2, (batch, hw, hw, 72)).astype(np.float32)
+    out.append((dconv["kernel"], dconv["bias"], x, offset))
+  return out
+
+
+def bench_case(what: str, name: str, size: int, batch: int, dtype: str, *, repeats: int = 3,
+               quick: bool = False) -> dict:
+  """One forward (``what='forward'``) or train-step (``'train'``) measurement; see the module docstring."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from asff_jax import losses  # pylint: disable=import-outside-toplevel
+  from asff_jax.models import create_model, random_variables  # pylint: disable=import-outside-toplevel
+  from asff_jax.models.dcn import deform_conv2d  # pylint: disable=import-outside-toplevel
+
+  config = model_config(name, dtype=dtype, quick=quick)
+  model = create_model(config)
+  variables = jax.device_put(random_variables(model, (size, size)))
+  images = jnp.asarray(np.random.default_rng(1).standard_normal((batch, size, size, 3)), jnp.float32)
+  row = {"what": what, "model": name, "size": size, "batch": batch, "dtype": dtype}
+  if what == "forward":
+    fn = lambda v, x: model.apply(v, x, train=False)["pred"]
+    args = (variables, images)
+  elif what == "train":
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(1e-3, momentum=0.9))
+    opt_state = jax.device_put(tx.init(variables["params"]))
+    labels = jnp.asarray(_random_labels(batch, size, int(config.model.num_classes)))
+
+    def fn(v, opt_state, x, y):
+      def loss_of(p):
+        loss, aux = losses.loss_fn({"params": p, "batch_stats": v["batch_stats"]}, x, y, model=model,
+                                   config=config, train=True, rng=jax.random.key(0))
+        return loss, aux["batch_stats"]
+
+      (loss, stats), grads = jax.value_and_grad(loss_of, has_aux=True)(v["params"])
+      updates, opt_state = tx.update(grads, opt_state, v["params"])
+      return {"params": optax.apply_updates(v["params"], updates), "batch_stats": stats}, opt_state, loss
+
+    args = (variables, opt_state, images, labels)
+  else:
+    raise ValueError(f"unknown case {what!r}")
+  compiled, row["compile_s"], row["flops"], row["peak_bytes"] = _compile(fn, *args)
+  jax.block_until_ready(compiled(*args))
+  row["seconds"] = _median_time(lambda: compiled(*args), repeats)
+  row["gflops"] = row["flops"] / row["seconds"] / 1e9
+  if what == "forward" and name != "none":
+    cdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    parts = _dcn_inputs(variables, size, batch, np.float32)
+
+    def dcn_all(ps):
+      return [deform_conv2d(x.astype(cdt), o, k.astype(cdt), b, groups=4) for k, b, x, o in ps]
+
+    dcn_c, _, row["dcn_flops"], _ = _compile(dcn_all, parts)
+    jax.block_until_ready(dcn_c(parts))
+    row["dcn_seconds"] = _median_time(lambda: dcn_c(parts), repeats)
+    row["dcn_share"] = row["dcn_seconds"] / row["seconds"]
+  official = OFFICIAL_SECONDS.get((what, size, batch)) if dtype == "float32" and not quick else None
+  if official is not None and name == "asff":
+    row["official_seconds"] = official
+    row["ratio_to_official_time"] = row["seconds"] / official
+  return row
+
+
+def bench_models(whats, *, models=MODELS, sizes=(320, 416, 608), batches=(1, 8),
+                 dtypes=("float32", "bfloat16"), repeats: int = 3, quick: bool = False,
+                 log=print) -> dict:
+  """The model/train grid plus the matmul peak; ratios filled in (see the module docstring)."""
+  peak = matmul_peak(512 if quick else 2048, repeats=2 if quick else 5)
+  log(f"float32 matmul peak: {peak['gflops']:.1f} GFLOP/s (n={peak['n']})")
+  rows = []
+  for what in whats:
+    for size in sizes:
+      for batch in batches:
+        for dtype in dtypes:
+          for name in models:
+            r = bench_case(what, name, size, batch, dtype, repeats=repeats, quick=quick)
+            r["ratio_to_peak"] = r["gflops"] / peak["gflops"]
+            rows.append(r)
+            log(format_row(r))
+  base = {(r["what"], r["size"], r["batch"], r["dtype"]): r["seconds"] for r in rows if r["model"] == "none"}
+  for r in rows:
+    b = base.get((r["what"], r["size"], r["batch"], r["dtype"]))
+    if b and r["model"] != "none":
+      r["time_ratio_to_baseline"] = r["seconds"] / b
+  return {"what": list(whats), "quick": quick, "matmul_peak": peak, "results": rows}
+
+
+def format_row(r: dict) -> str:
+  extra = f"  DCN {100 * r['dcn_share']:.0f}%" if "dcn_share" in r else ""
+  if "ratio_to_official_time" in r:
+    extra += f"  {r['ratio_to_official_time']:.2f}x official time"
+  return (f"{r['what']:>7} {r['model']:>9} {r['size']:>4} b{r['batch']:<2} {r['dtype']:>8}  "
+          f"{r['seconds'] * 1e3:9.1f} ms  {r['flops'] / 1e9:8.1f} GFLOP  {r['gflops']:7.1f} GFLOP/s  "
+          f"{100 * r['ratio_to_peak'] if 'ratio_to_peak' in r else float('nan'):5.1f}% peak  "
+          f"compile {r['compile_s']:5.1f} s  mem {r['peak_bytes'] / 2**20:7.0f} MiB{extra}")
+
+
+def format_models(res: dict) -> str:
+  """Table of :func:`bench_models` results."""
+  lines = [f"float32 matmul peak {res['matmul_peak']['gflops']:.1f} GFLOP/s "
+           f"(n={res['matmul_peak']['n']}, same process)"]
+  lines += [format_row(r) + (f"  {r['time_ratio_to_baseline']:.3f}x baseline"
+                             if "time_ratio_to_baseline" in r else "") for r in res["results"]]
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--what", default="input", choices=["input"],
-                 help="what to benchmark (model/train: see the benchmark issue)")
+  p.add_argument("--what", default="input", choices=["input", "model", "train", "all"],
+                 help="input pipeline, model forward, training step, or all three")
   p.add_argument("--quick", action="store_true", help="tiny sizes, few batches (CI smoke mode)")
+  p.add_argument("--models", default=",".join(MODELS), help="comma-separated: none,asff,asff_star")
+  p.add_argument("--sizes", default="320,416,608", help="comma-separated input sizes")
+  p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+  p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
   args = p.parse_args(argv)
-  res = bench_input(args.quick)
-  print(format_input(res))
+  split = lambda v: [x.strip() for x in v.split(",") if x.strip()]
+  res = {}
+  if args.what in ("input", "all"):
+    res["input"] = bench_input(args.quick)
+    print(format_input(res["input"]))
+  whats = {"model": ["forward"], "train": ["train"], "all": ["forward", "train"]}.get(args.what)
+  if whats:
+    if args.quick:
+      sizes, batches, dtypes, models = [64], [1], ["float32"], ["none", "asff"]
+    else:
+      sizes, batches = [int(v) for v in split(args.sizes)], [int(v) for v in split(args.batches)]
+      dtypes, models = split(args.dtypes), split(args.models)
+    res["models"] = bench_models(whats, models=models, sizes=sizes, batches=batches, dtypes=dtypes,
+                                 repeats=1 if args.quick else args.repeats, quick=args.quick)
+    print(format_models(res["models"]))
+  out = res["input"] if list(res) == ["input"] else res
   if args.out:
     with open(args.out, "w") as f:
-      json.dump(res, f, indent=2)
+      json.dump(out, f, indent=2)
   return 0
 
 

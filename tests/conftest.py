@@ -21,24 +21,8 @@ def parity_file(name: str) -> Path:
   return path
 
 
-def random_variables(model, input_hw=(64, 64), seed=0, scale=0.05):
-  """Random variables of the right structure without running a full ``init``.
+def random_variables(model, input_hw=(64, 64), seed=0, scale=0.05):  # pylint: disable=unused-argument
+  """Random variables of the right structure (see :func:`asff_jax.models.random_variables`)."""
+  from asff_jax.models import random_variables as _rv  # pylint: disable=import-outside-toplevel
 
-  Structure comes from ``jax.eval_shape``; values are cheap numpy normals
-  (BN variances positive), so even full-width models are built in ~1 s.
-  """
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_hw, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-
-  def make(path, sds):
-    name = path[-1].key
-    if name == "var":
-      return np.ones(sds.shape, np.float32)
-    if name == "scale":
-      return np.ones(sds.shape, np.float32)
-    if name in ("mean", "bias"):
-      return np.zeros(sds.shape, np.float32)
-    fan_in = int(np.prod(sds.shape[:-1]))
-    return (rng.standard_normal(sds.shape) * np.sqrt(1.0 / max(fan_in, 1))).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
+  return _rv(model, input_hw, seed)

@@ -1,4 +1,4 @@
-"""``python -m asff_jax.benchmark --quick`` runs and reports self-consistent numbers."""
+"""``python -m asff_jax.benchmark --quick`` runs every part and reports self-consistent numbers."""
 
 from __future__ import annotations
 
@@ -9,17 +9,45 @@ import pytest
 from asff_jax import benchmark
 
 
-def test_input_benchmark_quick(tmp_path, capsys):
+def test_benchmark_quick_all(tmp_path, capsys):
   out = tmp_path / "bench.json"
-  assert benchmark.main(["--what", "input", "--quick", "--out", str(out)]) == 0
+  assert benchmark.main(["--what", "all", "--quick", "--out", str(out)]) == 0
   res = json.loads(out.read_text())
-  assert res["what"] == "input" and res["quick"] and len(res["results"]) == 2
-  assert {r["mixup"] for r in res["results"]} == {True, False}
-  for r in res["results"]:
+
+  inp = res["input"]
+  assert inp["what"] == "input" and inp["quick"] and len(inp["results"]) == 2
+  assert {r["mixup"] for r in inp["results"]} == {True, False}
+  for r in inp["results"]:
     assert r["images"] == 3 * 8 and r["size"] == 128 and r["threads"] == 1
     assert r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0
     assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
     assert r["ratio_to_official_per_core"] == pytest.approx(
         r["images_per_cpu_s"] / benchmark.OFFICIAL_AUG_IMAGES_PER_CORE)
+
+  mod = res["models"]
+  peak = mod["matmul_peak"]
+  assert peak["gflops"] == pytest.approx(2 * peak["n"] ** 3 / peak["seconds"] / 1e9)
+  rows = {(r["what"], r["model"]): r for r in mod["results"]}
+  assert set(rows) == {(w, m) for w in ("forward", "train") for m in ("none", "asff")}
+  for r in rows.values():
+    assert r["size"] == 64 and r["batch"] == 1 and r["dtype"] == "float32"
+    assert r["flops"] > 0 and r["seconds"] > 0 and r["compile_s"] > 0 and r["peak_bytes"] > 0
+    assert r["gflops"] == pytest.approx(r["flops"] / r["seconds"] / 1e9)
+    assert r["ratio_to_peak"] == pytest.approx(r["gflops"] / peak["gflops"])
+  # a training step does more work than a forward; ASFF more than the baseline
+  for m in ("none", "asff"):
+    assert rows[("train", m)]["flops"] > 2 * rows[("forward", m)]["flops"]
+  for w in ("forward", "train"):
+    assert rows[(w, "asff")]["flops"] > rows[(w, "none")]["flops"]
+    assert rows[(w, "asff")]["time_ratio_to_baseline"] == pytest.approx(
+        rows[(w, "asff")]["seconds"] / rows[(w, "none")]["seconds"])
+  dcn = rows[("forward", "asff")]
+  assert 0 < dcn["dcn_flops"] < dcn["flops"]
+  assert dcn["dcn_share"] == pytest.approx(dcn["dcn_seconds"] / dcn["seconds"])
   printed = capsys.readouterr().out
-  assert "x official/core" in printed and "128" in printed
+  assert "x official/core" in printed and "matmul peak" in printed and "DCN" in printed
+
+
+def test_unknown_model_is_refused():
+  with pytest.raises(ValueError, match="--models"):
+    benchmark.model_config("yolox")
