@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 # ../shared/parity relative to the repository root (CI clones the repo beside shared/).
@@ -21,7 +18,7 @@ def parity_file(name: str) -> Path:
   return path
 
 
-def random_variables(model, input_hw=(64, 64), seed=0, scale=0.05):  # pylint: disable=unused-argument
+def random_variables(model, input_hw=(64, 64), seed=0):
   """Random variables of the right structure (see :func:`asff_jax.models.random_variables`)."""
   from asff_jax.models import random_variables as _rv  # pylint: disable=import-outside-toplevel
 

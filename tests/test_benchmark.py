@@ -39,8 +39,7 @@ def test_benchmark_quick_all(tmp_path, capsys):
     assert rows[("train", m)]["flops"] > 2 * rows[("forward", m)]["flops"]
   for w in ("forward", "train"):
     assert rows[(w, "asff")]["flops"] > rows[(w, "none")]["flops"]
-    assert rows[(w, "asff")]["time_ratio_to_baseline"] == pytest.approx(
-        rows[(w, "asff")]["seconds"] / rows[(w, "none")]["seconds"])
+    assert 0.5 < rows[(w, "asff")]["time_ratio_to_baseline"] < 5.0  # interleaved timing
   dcn = rows[("forward", "asff")]
   assert 0 < dcn["dcn_flops"] < dcn["flops"]
   assert dcn["dcn_share"] == pytest.approx(dcn["dcn_seconds"] / dcn["seconds"])
