@@ -1,0 +1,40 @@
+"""The experiment scripts run end to end on the tiny config (numbers meaningless, outputs checked)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_gradient_probe_script(tmp_path):
+  gp = _script("gradient_probe")
+  out = tmp_path / "out"
+  assert gp.main(["--config", str(REPO / "configs" / "tiny.py"), "--variants", "sum,asff", "--steps", "2",
+                  "--probe_every", "2", "--probe_batch", "4", "--workdir_root", str(tmp_path / "runs"),
+                  "--out", str(out)]) == 0
+  with open(out / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  # 2 variants x (init + step 2) x 3 levels
+  assert len(rows) == 12
+  assert {(r["variant"], r["step"]) for r in rows} == {(v, s) for v in ("sum", "asff") for s in ("0", "2")}
+  for r in rows:
+    if int(r["num_positive"]) > 0:
+      shares = [float(r[f"share_l{l}"]) for l in range(3)]
+      assert abs(sum(shares) - 1.0) < 1e-6
+      assert -1.0 <= float(r["cos_own_vs_others"]) <= 1.0
+    assert np.isnan(float(r["w_self"])) == (r["variant"] == "sum")
+  assert (out / "results.md").read_text().startswith("# Gradient-consistency probe")
+  assert os.path.getsize(out / "conflict.png") > 0
