@@ -41,7 +41,7 @@ import io
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import logging
 import os
 import sys
 import time
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
   p.add_argument("--workdir_root", default="/tmp/gradient_probe")
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "gradient_probe"))
   args = p.parse_args(argv)
+  logging.getLogger().setLevel(logging.INFO)  # training progress lines
   t0 = time.time()
   command = "python experiments/gradient_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
   rows = []

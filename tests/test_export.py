@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import random_variables
+from tests.conftest import random_variables, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(64, 64), (90, 120), (150, 70)]
@@ -74,13 +74,8 @@ def _run_fresh(code: str, *args) -> dict:
 def setup(tmp_path_factory):
   from asff_jax import convert
   from asff_jax.models import create_model
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-
   tmp = tmp_path_factory.mktemp("export")
-  config = tiny.get_config()
+  config = tiny_config()
   config.dataset.class_names = ["a", "b", "c"]
   config.dataset.category_ids = [3, 7, 11]
   variables = random_variables(create_model(config), seed=1)

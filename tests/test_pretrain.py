@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,15 +11,13 @@ import pytest
 from PIL import Image
 
 from asff_jax import pretrain
+from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+
 
 
 def _tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return tiny_config()
 
 
 def _records(n, seed=0):
