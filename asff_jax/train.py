@@ -185,6 +185,23 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_config_file(path) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file such as ``configs/default.py`` (what ``--config`` loads).
+
+  Raises:
+    FileNotFoundError: no such file. AttributeError: the file has no ``get_config``.
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0] + "_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy with ``steps_per_epoch`` and ``num_train_steps`` made concrete (> 0).
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import logging
 import os
 import sys
@@ -47,15 +46,8 @@ from asff_jax.models import create_model  # noqa: E402  pylint: disable=wrong-im
 LEVEL_NAMES = ("l0 (stride 32)", "l1 (stride 16)", "l2 (stride 8)")
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("probe_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 def variant_config(base_path: str, fusion: str, steps: int, probe_every: int):
-  c = load_config(base_path)
+  c = train.load_config_file(base_path)
   c.model.fusion = fusion
   c.num_train_steps = steps
   c.checkpoint_every_steps = probe_every

@@ -25,16 +25,8 @@ def random_variables(model, input_hw=(64, 64), seed=0):
   return _rv(model, input_hw, seed)
 
 
-def load_config_file(path):
-  """``get_config()`` of a config file (e.g. ``configs/tiny.py``), without importing ``configs`` as a package."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-
-  spec = importlib.util.spec_from_file_location(Path(path).stem + "_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 def tiny_config():
   """``configs/tiny.py``'s config."""
+  from asff_jax.train import load_config_file  # pylint: disable=import-outside-toplevel
+
   return load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")

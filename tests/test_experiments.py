@@ -42,3 +42,38 @@ def test_gradient_probe_script(tmp_path):
         assert 0.0 <= float(r["w_self"]) <= 1.0
   assert (out / "results.md").read_text().startswith("# Gradient-consistency probe")
   assert os.path.getsize(out / "conflict.png") > 0
+
+
+@pytest.mark.slow  # trains 2 tiny models on a tiny digits set (~2 min): kept out of CI
+def test_fusion_ablation_script(tmp_path):
+  fa = _script("fusion_ablation")
+  cfg = tmp_path / "tiny_digits.py"
+  cfg.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(REPO)!r})\n"
+      "from asff_jax.train import load_config_file\n"
+      "def get_config():\n"
+      f"  c = load_config_file({str(REPO / 'configs' / 'tiny.py')!r})\n"
+      "  c.dataset.source = 'digits'\n"
+      f"  c.dataset.root = {str(tmp_path / 'digits')!r}\n"
+      f"  c.dataset.data_dir = {str(tmp_path / 'tfds')!r}\n"
+      "  c.dataset.digits_num_train = 32\n"
+      "  c.dataset.digits_num_val = 8\n"
+      "  c.dataset.max_boxes = 12\n"
+      "  c.model.num_classes = 10\n"
+      "  c.num_train_steps = 2\n"
+      "  return c\n")
+  out = tmp_path / "out"
+  args = ["--config", str(cfg), "--fusions", "none,asff", "--seeds", "0", "--time_repeats", "2",
+          "--workdir_root", str(tmp_path / "runs"), "--out", str(out)]
+  assert fa.main(args) == 0
+  with open(out / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["fusion"], r["seed"]) for r in rows] == [("none", "0"), ("asff", "0")]
+  assert all(0.0 <= float(r["AP50"]) <= 1.0 for r in rows)
+  md = (out / "results.md").read_text()
+  assert "| none | 1 |" in md and "| asff | 1 |" in md
+  # a finished run is not trained again
+  mtime = os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json")
+  assert fa.main(args) == 0
+  assert os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json") == mtime
