@@ -236,24 +236,27 @@ def _naive_dcn(x, offset, kernel, bias, groups):
   return out
 
 
-def test_deform_conv_matches_naive_reference():
+@pytest.mark.parametrize("formulation", ["corners", "patches"])
+def test_deform_conv_matches_naive_reference(formulation):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 5, 6, 8))
   offset = rng.standard_normal((2, 5, 6, 72)) * 1.5  # crosses borders
   kernel = rng.standard_normal((3, 3, 8, 5))
   bias = rng.standard_normal(5)
-  ours = np.asarray(deform_conv2d(*(jnp.asarray(a, jnp.float32) for a in (x, offset, kernel, bias)), groups=4))
+  ours = np.asarray(deform_conv2d(*(jnp.asarray(a, jnp.float32) for a in (x, offset, kernel, bias)), groups=4,
+                                  formulation=formulation))
   ref = _naive_dcn(x, offset, kernel, bias, 4)
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_deform_conv_zero_and_integer_offsets_equal_plain_conv():
+@pytest.mark.parametrize("formulation", ["corners", "patches"])
+def test_deform_conv_zero_and_integer_offsets_equal_plain_conv(formulation):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((1, 7, 7, 8)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 4)), jnp.float32)
   plain = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  zero = deform_conv2d(x, jnp.zeros((1, 7, 7, 72)), kernel, groups=4)
+  zero = deform_conv2d(x, jnp.zeros((1, 7, 7, 72)), kernel, groups=4, formulation=formulation)
   np.testing.assert_allclose(np.asarray(zero), np.asarray(plain), rtol=1e-5, atol=1e-5)
   # A uniform integer shift (dy=0, dx=+1) equals the plain conv of the input shifted left.
   off = jnp.zeros((1, 7, 7, 4, 9, 2)).at[..., 1].set(1.0).reshape(1, 7, 7, 72)
@@ -261,20 +264,37 @@ def test_deform_conv_zero_and_integer_offsets_equal_plain_conv():
   ref = jax.lax.conv_general_dilated(shifted, kernel, (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
   # Equal away from the left border (there the DCN reads column 0, the shifted input its padding).
-  np.testing.assert_allclose(np.asarray(deform_conv2d(x, off, kernel, groups=4))[:, :, 1:],
+  np.testing.assert_allclose(np.asarray(deform_conv2d(x, off, kernel, groups=4, formulation=formulation))[:, :, 1:],
                              np.asarray(ref)[:, :, 1:], rtol=1e-5, atol=1e-5)
 
 
-def test_deform_conv_gradients_finite_difference():
+@pytest.mark.parametrize("formulation", ["corners", "patches"])
+def test_deform_conv_gradients_finite_difference(formulation):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((1, 4, 4, 4)))
   off = jnp.asarray(rng.uniform(-0.8, 0.8, (1, 4, 4, 18)))  # avoid integer kinks
   kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 2)))
-  f = lambda x, o, k: jnp.sum(jnp.sin(deform_conv2d(x, o, k, groups=1)))
+  f = lambda x, o, k: jnp.sum(jnp.sin(deform_conv2d(x, o, k, groups=1, formulation=formulation)))
   with jax.enable_x64(True):
     args = [jnp.asarray(a, jnp.float64) for a in (x, off, kernel)]
     from jax.test_util import check_grads
     check_grads(f, args, order=1, modes=["rev"], atol=1e-4, rtol=1e-4)
+
+
+def test_deform_conv_formulations_agree_in_values_and_gradients():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 8)), jnp.float32)
+  off = jnp.asarray(rng.standard_normal((2, 6, 5, 72)) * 2.0, jnp.float32)  # many samples off the map
+  k = jnp.asarray(rng.standard_normal((3, 3, 8, 3)), jnp.float32)
+  f = {m: (lambda x, o, k, m=m: jnp.sum(jnp.tanh(deform_conv2d(x, o, k, groups=4, formulation=m))))
+       for m in ("corners", "patches")}
+  np.testing.assert_allclose(f["patches"](x, off, k), f["corners"](x, off, k), rtol=1e-5)
+  ga = jax.grad(f["corners"], argnums=(0, 1, 2))(x, off, k)
+  gb = jax.grad(f["patches"], argnums=(0, 1, 2))(x, off, k)
+  for a, b in zip(ga, gb):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="formulation"):
+    deform_conv2d(x, off, k, groups=4, formulation="taps")
 
 
 def test_objectness_bias_prior_init():

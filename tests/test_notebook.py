@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "asff_jax_colab.ipynb"
 
@@ -27,6 +29,7 @@ def code_cells(path: Path) -> list[str]:
   return cells
 
 
+@pytest.mark.slow  # ~2 min on 2 cores (four compilations of the tiny model): run with pytest -m slow
 def test_notebook_runs_on_tiny_config(tmp_path, monkeypatch):
   cfg = tmp_path / "tiny_digits.py"
   cfg.write_text(
