@@ -30,3 +30,23 @@ def tiny_config():
   from asff_jax.train import load_config_file  # pylint: disable=import-outside-toplevel
 
   return load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+
+
+def write_tiny_digits_config(tmp_path, *, num_train: int, num_val: int, **settings) -> Path:
+  """Writes ``tmp_path/tiny_digits.py``: ``configs/tiny.py`` on a tiny generated digits set.
+
+  The dataset and its TFDS preparation live under ``tmp_path``; ``settings``
+  are extra ``dotted.key=value`` assignments (e.g. ``num_train_steps=2``).
+  """
+  repo = Path(__file__).resolve().parents[1]
+  lines = ["import sys", f"sys.path.insert(0, {str(repo)!r})", "from asff_jax.train import load_config_file",
+           "def get_config():", f"  c = load_config_file({str(repo / 'configs' / 'tiny.py')!r})",
+           "  c.dataset.source = 'digits'", f"  c.dataset.root = {str(Path(tmp_path) / 'digits')!r}",
+           f"  c.dataset.data_dir = {str(Path(tmp_path) / 'tfds')!r}",
+           f"  c.dataset.digits_num_train = {int(num_train)}", f"  c.dataset.digits_num_val = {int(num_val)}",
+           "  c.dataset.max_boxes = 12", "  c.model.num_classes = 10"]
+  lines += [f"  c.{k.replace('__', '.')} = {v!r}" for k, v in settings.items()]
+  lines.append("  return c")
+  path = Path(tmp_path) / "tiny_digits.py"
+  path.write_text("\n".join(lines) + "\n")
+  return path

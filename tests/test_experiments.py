@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import write_tiny_digits_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,22 +49,7 @@ def test_gradient_probe_script(tmp_path):
 @pytest.mark.slow  # trains 2 tiny models on a tiny digits set (~2 min): kept out of CI
 def test_fusion_ablation_script(tmp_path):
   fa = _script("fusion_ablation")
-  cfg = tmp_path / "tiny_digits.py"
-  cfg.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {str(REPO)!r})\n"
-      "from asff_jax.train import load_config_file\n"
-      "def get_config():\n"
-      f"  c = load_config_file({str(REPO / 'configs' / 'tiny.py')!r})\n"
-      "  c.dataset.source = 'digits'\n"
-      f"  c.dataset.root = {str(tmp_path / 'digits')!r}\n"
-      f"  c.dataset.data_dir = {str(tmp_path / 'tfds')!r}\n"
-      "  c.dataset.digits_num_train = 32\n"
-      "  c.dataset.digits_num_val = 8\n"
-      "  c.dataset.max_boxes = 12\n"
-      "  c.model.num_classes = 10\n"
-      "  c.num_train_steps = 2\n"
-      "  return c\n")
+  cfg = write_tiny_digits_config(tmp_path, num_train=32, num_val=8, num_train_steps=2)
   out = tmp_path / "out"
   args = ["--config", str(cfg), "--fusions", "none,asff", "--seeds", "0", "--time_repeats", "2",
           "--workdir_root", str(tmp_path / "runs"), "--out", str(out)]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_tiny_digits_config
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "asff_jax_colab.ipynb"
 
@@ -31,20 +33,7 @@ def code_cells(path: Path) -> list[str]:
 
 @pytest.mark.slow  # ~2 min on 2 cores (four compilations of the tiny model): run with pytest -m slow
 def test_notebook_runs_on_tiny_config(tmp_path, monkeypatch):
-  cfg = tmp_path / "tiny_digits.py"
-  cfg.write_text(
-      "from asff_jax.train import load_config_file\n"
-      "def get_config():\n"
-      f"  c = load_config_file({str(REPO / 'configs' / 'tiny.py')!r})\n"
-      "  c.dataset.source = 'digits'\n"
-      f"  c.dataset.root = {str(tmp_path / 'digits')!r}\n"
-      f"  c.dataset.data_dir = {str(tmp_path / 'tfds')!r}\n"
-      "  c.dataset.digits_num_train = 24\n"
-      "  c.dataset.digits_num_val = 6\n"
-      "  c.dataset.max_boxes = 12\n"
-      "  c.model.num_classes = 10\n"
-      "  c.eval_at_end = False\n"
-      "  return c\n")
+  cfg = write_tiny_digits_config(tmp_path, num_train=24, num_val=6, eval_at_end=False)
   workdir = tmp_path / "run"
   monkeypatch.setenv("ASFF_NB_CONFIG", str(cfg))
   monkeypatch.setenv("ASFF_NB_WORKDIR", str(workdir))
