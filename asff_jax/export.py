@@ -73,7 +73,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -82,10 +82,6 @@ STABLEHLO_FILE = "model.jax_export"
 FORMATS = ("stablehlo", "saved_model")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
-
-# ImageNet RGB statistics (spec §8.7); the same numbers as asff_jax.data.transforms.
-_MEAN_RGB = (0.485, 0.456, 0.406)
-_STD_RGB = (0.229, 0.224, 0.225)
 
 
 def _bilinear_axis(n_in, n_out: int):
@@ -143,16 +139,15 @@ def make_serving_fn(model, *, input_size: int, conf_thre: float, nms_thre: float
   docstring (boxes in ``images``' pixels). Pure and jit/export-compatible.
   """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from asff_jax.data.transforms import normalize_jax  # pylint: disable=import-outside-toplevel
   from asff_jax.postprocess import nms_fixed  # pylint: disable=import-outside-toplevel
 
   size = int(input_size)
-  scale = np.array([1.0 / (255.0 * s) for s in _STD_RGB], np.float32)
-  bias = np.array([m / s for m, s in zip(_MEAN_RGB, _STD_RGB)], np.float32)
   cat_table = None if category_ids is None else np.asarray(list(category_ids), np.int32)
 
   def serve(variables, images):
     h, w = images.shape[1], images.shape[2]
-    x = resize_bilinear(images, size) * scale - bias
+    x = normalize_jax(resize_bilinear(images, size))
     out = model.apply(variables, x, train=False)
     det = nms_fixed(out["pred"], conf_thre=conf_thre, nms_thre=nms_thre,
                     pre_nms_topk=pre_nms_topk, max_detections=max_detections, sort_topk=sort_topk)
@@ -160,11 +155,11 @@ def make_serving_fn(model, *, input_size: int, conf_thre: float, nms_thre: float
     hf = jnp.asarray(h, jnp.float32)
     to_image = jnp.stack([wf / size, hf / size, wf / size, hf / size])
     upper = jnp.stack([wf, hf, wf, hf])
-    boxes = jnp.clip(det["boxes"] * to_image, 0.0, upper)
+    boxes = jnp.clip(det["boxes"] * to_image, 0.0, upper)  # padding rows stay 0
     valid = jnp.arange(det["scores"].shape[1])[None, :] < det["num_valid"][:, None]
     classes = det["classes"]
     cats = classes if cat_table is None else jnp.asarray(cat_table)[classes]
-    return {"boxes": jnp.where(valid[..., None], boxes, 0.0),
+    return {"boxes": boxes,
             "scores": det["scores"], "classes": classes,
             "category_ids": jnp.where(valid, cats, 0).astype(jnp.int32),
             "num_valid": det["num_valid"]}
@@ -207,14 +202,15 @@ def export_saved_model(serve: Callable, variables, out: str, *, shape_spec: str 
   where ``shape_spec`` fixes them) → the output dict.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   from jax.experimental import jax2tf  # pylint: disable=import-outside-toplevel
 
-  leaves_np = _flatten(variables)
+  leaves_np = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
   names = sorted(leaves_np)
   tf_vars = [tf.Variable(leaves_np[n], trainable=False, name=n.replace("/", "__")) for n in names]
 
   def serve_flat(flat, images):
-    return serve(_unflatten(dict(zip(names, flat))), images)
+    return serve(traverse_util.unflatten_dict(dict(zip(names, flat)), sep="/"), images)
 
   tf_fn = jax2tf.convert(serve_flat, polymorphic_shapes=[None, f"({shape_spec})"], with_gradient=False,
                          native_serialization_platforms=tuple(platforms))
@@ -228,28 +224,6 @@ def export_saved_model(serve: Callable, variables, out: str, *, shape_spec: str 
 
   module.serve = serving
   tf.saved_model.save(module, out, signatures={"serving_default": serving.get_concrete_function()})
-
-
-def _flatten(tree, prefix="") -> dict:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key))
-    else:
-      out[key] = np.asarray(v)
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-  out: dict = {}
-  for key, v in flat.items():
-    node = out
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
 
 
 def parse_platforms(value) -> tuple:

@@ -124,12 +124,6 @@ class CropClassifier(nn.Module):
     return nn.Dense(self.num_classes, name="classifier")(pooled)
 
 
-def _normalize(x):
-  mean = jnp.array([0.485, 0.456, 0.406], jnp.float32) * 255.0
-  std = jnp.array([0.229, 0.224, 0.225], jnp.float32) * 255.0
-  return (x.astype(jnp.float32) - mean) / std
-
-
 def pretrain_backbone(config: ml_collections.ConfigDict, *, source=None,
                       log: Callable[[str], None] = logging.info) -> dict:
   """Runs the crop-classification pre-training; returns ``{'params', 'batch_stats', 'report'}``.
@@ -139,6 +133,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, *, source=None,
   accuracy, the number of crops and the time taken.
   """
   from asff_jax.data import loader  # pylint: disable=import-outside-toplevel
+  from asff_jax.data.transforms import normalize_jax  # pylint: disable=import-outside-toplevel
 
   s = pretrain_settings(config)
   source = source if source is not None else loader.train_source(config)
@@ -167,7 +162,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, *, source=None,
   @jax.jit
   def step(params, stats, opt_state, x, y):
     def loss_fn(p):
-      logits, upd = model.apply({"params": p, "batch_stats": stats}, _normalize(x), train=True,
+      logits, upd = model.apply({"params": p, "batch_stats": stats}, normalize_jax(x), train=True,
                                 mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, (upd["batch_stats"], jnp.mean(jnp.argmax(logits, -1) == y))
@@ -178,7 +173,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, *, source=None,
 
   @jax.jit
   def predict(params, stats, x):
-    return jnp.argmax(model.apply({"params": params, "batch_stats": stats}, _normalize(x), train=False), -1)
+    return jnp.argmax(model.apply({"params": params, "batch_stats": stats}, normalize_jax(x), train=False), -1)
 
   accs = []
   t1 = time.time()

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Random variables of the right structure without compiling ``init`` (re-exported for tests).
+from asff_jax.models import random_variables  # noqa: F401  pylint: disable=unused-import
+
 # ../shared/parity relative to the repository root (CI clones the repo beside shared/).
 PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
 
@@ -16,13 +19,6 @@ def parity_file(name: str) -> Path:
   if not path.exists():
     pytest.skip(f"parity fixture {path} not found (expected ../shared/parity beside the repo)")
   return path
-
-
-def random_variables(model, input_hw=(64, 64), seed=0):
-  """Random variables of the right structure (see :func:`asff_jax.models.random_variables`)."""
-  from asff_jax.models import random_variables as _rv  # pylint: disable=import-outside-toplevel
-
-  return _rv(model, input_hw, seed)
 
 
 def tiny_config():

@@ -414,3 +414,10 @@ def test_train_transform_invariants_property(seed, n, frac, size):
   assert (w >= 0).all() and (h >= 0).all()
   assert (cx - w / 2 >= -1e-3).all() and (cx + w / 2 <= size + 1e-3).all()
   assert (cy - h / 2 >= -1e-3).all() and (cy + h / 2 <= size + 1e-3).all()
+
+
+def test_normalize_jax_equals_tf_normalize():
+  rng = np.random.default_rng(7)
+  img = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(np.asarray(T.normalize_jax(img)),
+                                T.normalize(img).numpy())

@@ -585,6 +585,18 @@ def normalize(image):
   return tf.cond(n <= a.size, fast, lambda: image * scale - bias)
 
 
+def normalize_jax(images):
+  """:func:`normalize` in JAX, same ``x * a - b`` arithmetic (same float32 values).
+
+  ``(..., 3)`` array in [0, 255] (any dtype) → float32. Used where the
+  normalisation runs inside a jitted function (export, backbone pre-training).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  _, _, scale, bias = _norm_tables()
+  return jnp.asarray(images).astype(jnp.float32) * scale - bias
+
+
 def filter_small_boxes(boxes, valid, min_size=6.0):
   """Spec §8.8: ``valid & (min(w, h) > min_size)`` for ``(K, 4)`` xyxy boxes."""
   wh = boxes[:, 2:] - boxes[:, :2]
