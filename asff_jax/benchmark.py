@@ -26,6 +26,16 @@ alone on inputs of the same shapes, divided by the forward time). Weights are
 random (:func:`asff_jax.models.random_variables`): speed does not depend on
 their values.
 
+``--what profile``: op-level time profiles (:mod:`asff_jax.profiling`, from
+``jax.profiler`` traces joined with the compiled HLO) of the eval forward at
+batch 1 and the training step at the first ``--batches`` value, for the first
+``--sizes`` / ``--dtypes`` value and each of ``--models``: time, share and
+conv/dot GFLOP/s per region (backbone, neck, fusion, DCN, head, loss+optimizer)
+and pass (forward / backward), and per kind of op (conv, dot, gather, scatter,
+reduce, copy, elementwise). E.g. ``--what profile --models asff --sizes 416
+--batches 4 --dtypes float32``; ``--what profile --config configs/default.py``
+profiles that config's model at its own input size and batch.
+
 Defaults run the whole grid (models none/asff/asff_star × sizes 320/416/608 ×
 batches 1/8 × float32/bfloat16), which takes a long time on a CPU; select
 with ``--models``, ``--sizes``, ``--batches``, ``--dtypes``, ``--repeats``.
@@ -168,8 +178,12 @@ def _dcn_inputs(variables, size: int, batch: int, dtype):
 
 
 def bench_case(what: str, name: str, size: int, batch: int, dtype: str, *, repeats: int = 3,
-               quick: bool = False) -> dict:
-  """One forward (``what='forward'``) or train-step (``'train'``) measurement; see the module docstring."""
+               quick: bool = False, config=None) -> dict:
+  """One forward (``what='forward'``) or train-step (``'train'``) measurement; see the module docstring.
+
+  ``config``: a full config whose ``model`` is measured instead of benchmark model ``name``
+  (``name`` is then only the label; ``dtype`` is ignored).
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -178,7 +192,8 @@ def bench_case(what: str, name: str, size: int, batch: int, dtype: str, *, repea
   from asff_jax.models import create_model, random_variables  # pylint: disable=import-outside-toplevel
   from asff_jax.models.dcn import deform_conv2d  # pylint: disable=import-outside-toplevel
 
-  config = model_config(name, dtype=dtype, quick=quick)
+  if config is None:
+    config = model_config(name, dtype=dtype, quick=quick)
   model = create_model(config)
   variables = jax.device_put(random_variables(model, (size, size)))
   images = jnp.asarray(np.random.default_rng(1).standard_normal((batch, size, size, 3)), jnp.float32)
@@ -220,7 +235,9 @@ def bench_case(what: str, name: str, size: int, batch: int, dtype: str, *, repea
     row["dcn_seconds"] = _median_time(lambda: dcn_c(parts), repeats)
     row["dcn_share"] = row["dcn_seconds"] / row["seconds"]
   row["_run"] = lambda: compiled(*args)  # kept for the interleaved baseline ratio, not serialised
-  official = OFFICIAL_SECONDS.get((what, size, batch)) if dtype == "float32" and not quick else None
+  row["_compiled"] = compiled  # kept for --what profile, not serialised
+  official = (OFFICIAL_SECONDS.get((what, size, batch))
+              if dtype == "float32" and not quick and name in MODELS else None)
   if official is not None and name == "asff":
     row["official_seconds"] = official
     row["ratio_to_official_time"] = row["seconds"] / official
@@ -259,6 +276,7 @@ def bench_models(whats, *, models=MODELS, sizes=(320, 416, 608), batches=(1, 8),
       r["time_ratio_to_baseline"] = float(np.median(tr) / np.median(tb))
   for r in rows:
     r.pop("_run", None)
+    r.pop("_compiled", None)
   # The peak is measured again at the end and the larger of the two is used: the clock of this
   # shared CPU drifts, and the larger figure gives the conservative ratio.
   peak_end = matmul_peak(peak["n"], repeats=2 if quick else 5)
@@ -268,6 +286,26 @@ def bench_models(whats, *, models=MODELS, sizes=(320, 416, 608), batches=(1, 8),
     r["ratio_to_peak"] = r["gflops"] / best["gflops"]
   return {"what": list(whats), "quick": quick, "matmul_peak": best,
           "matmul_peak_start_end_gflops": [peak["gflops"], peak_end["gflops"]], "results": rows}
+
+
+def profile_cases(cases, *, runs: int = 3, quick: bool = False, config=None, log=print) -> dict:
+  """Op-level profiles (:mod:`asff_jax.profiling`) of ``(what, model, size, batch, dtype)`` cases.
+
+  With ``config``, its model is profiled (see :func:`bench_case`).
+  """
+  from asff_jax import profiling  # pylint: disable=import-outside-toplevel
+
+  peak = matmul_peak(512 if quick else 2048, repeats=2 if quick else 5)
+  log(f"float32 matmul peak: {peak['gflops']:.1f} GFLOP/s (n={peak['n']})")
+  out = []
+  for what, name, size, batch, dtype in cases:
+    row = bench_case(what, name, size, batch, dtype, repeats=1, quick=quick, config=config)
+    prof = profiling.profile_compiled(row.pop("_compiled"), row.pop("_run"), runs=runs)
+    row.update(profile=prof, ratio_to_peak=row["gflops"] / peak["gflops"])
+    log(format_row(row))
+    log(profiling.format_profile(prof, peak["gflops"]))
+    out.append(row)
+  return {"matmul_peak": peak, "results": out}
 
 
 def format_row(r: dict) -> str:
@@ -291,8 +329,9 @@ def format_models(res: dict) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--what", default="input", choices=["input", "model", "train", "all"],
-                 help="input pipeline, model forward, training step, or all three")
+  p.add_argument("--what", default="input", choices=["input", "model", "train", "all", "profile"],
+                 help="input pipeline, model forward, training step, all three, or op-level "
+                      "profiles of the forward and training step (asff, first size / batch / dtype)")
   p.add_argument("--quick", action="store_true", help="tiny sizes, few batches (CI smoke mode)")
   p.add_argument("--models", default=",".join(MODELS), help="comma-separated: none,asff,asff_star")
   p.add_argument("--sizes", default="320,416,608", help="comma-separated input sizes")
@@ -300,6 +339,9 @@ def main(argv=None) -> int:
   p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated compute dtypes")
   p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
+  p.add_argument("--config", default=None,
+                 help="with --what profile: profile this config file's model at its own input size "
+                      "(forward at batch 1, training step at its batch_size) instead of --models")
   args = p.parse_args(argv)
   split = lambda v: [x.strip() for x in v.split(",") if x.strip()]
   res = {}
@@ -316,6 +358,22 @@ def main(argv=None) -> int:
     res["models"] = bench_models(whats, models=models, sizes=sizes, batches=batches, dtypes=dtypes,
                                  repeats=1 if args.quick else args.repeats, quick=args.quick)
     print(format_models(res["models"]))
+  if args.what == "profile":
+    config = None
+    if args.config:
+      from asff_jax.train import load_config_file  # pylint: disable=import-outside-toplevel
+      config = load_config_file(args.config)
+      label = args.config.rsplit("/", 1)[-1].removesuffix(".py")
+      size, batch = int(config.dataset.input_size), int(config.batch_size)
+      cases = [("forward", label, size, 1, config.model.dtype), ("train", label, size, batch, config.model.dtype)]
+    elif args.quick:
+      cases = [("forward", "asff", 64, 1, "float32"), ("train", "asff", 64, 1, "float32")]
+    else:
+      size, dtype = int(split(args.sizes)[0]), split(args.dtypes)[0]
+      cases = [("forward", m, size, 1, dtype) for m in split(args.models)]
+      cases += [("train", m, size, int(split(args.batches)[0]), dtype) for m in split(args.models)]
+    res["profile"] = profile_cases(cases, runs=1 if args.quick else args.repeats, quick=args.quick,
+                                   config=config)
   out = res["input"] if list(res) == ["input"] else res
   if args.out:
     with open(args.out, "w") as f:

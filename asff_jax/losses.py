@@ -13,7 +13,8 @@ positives, all weights 1), and the levels are summed:
   ``pw`` the *predicted* guided anchor of the responsible slot;
 * ``l1``     = xy + wh;
 * ``obj``    = Σ obj_mask·BCEWithLogits(t_obj; 1 at positives, else 0);
-* ``cls``    = Σ_positives BCEWithLogits(t_cls; class targets);
+* ``cls``    = Σ_positives BCEWithLogits(t_cls; class targets) (with the
+  ``cls_center_radius`` option, Σ over ``cls_mask`` instead);
 * ``total``  = anchor + iou + l1 + obj + cls.
 
 tgt_scale = 2 − w·h/(input_w·input_h) at positives (0 elsewhere). Targets are
@@ -44,6 +45,11 @@ Official quirks reproduced
 Extension (off by default): ``adjacent_ignore_eps`` — the paper's adjacent
 ignore regions (Sec. 3.3, Table 2), see :func:`asff_jax.targets.adjacent_ignore_mask`.
 It only changes ``obj``.
+
+Extension (off by default, not in the paper or the official code):
+``cls_center_radius`` — dense class supervision at every slot of the cells
+around each GT centre (:func:`asff_jax.targets.class_region`). It only changes
+``cls``: more class terms per object, objectness and boxes untouched.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ from asff_jax import targets as tgt_lib
 from asff_jax.targets import ANCHORS, ANCHOR_MASKS
 
 COMPONENTS = ("anchor", "iou", "l1", "xy", "wh", "obj", "cls", "total")
+STATS = ("num_pos", "cls_correct")
+"""Counts (not losses) :func:`head_loss` also reports per level: ``num_pos`` positives
+in the batch, ``cls_correct`` positives whose largest class logit is the target class."""
 IOU_LOSS_EPS = 1e-16  # official IOUloss / IOUWH_loss union eps (README quirk 6)
 LOG_EPS = 1e-12  # official eps inside log(w / pw + eps)
 
@@ -74,7 +83,8 @@ def bce_with_logits(logits, targets):
 def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
                anchors=ANCHORS, anchor_masks=ANCHOR_MASKS, ignore_thre: float = 0.7,
                label_smoothing: bool = True, detach_anchor_targets: bool = False,
-               adjacent_ignore_eps=None, return_targets: bool = False):
+               adjacent_ignore_eps=None, cls_center_radius=None,
+               return_targets: bool = False, return_stats: bool = False):
   """Official loss of one level (spec §6).
 
   Args:
@@ -91,10 +101,15 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
     detach_anchor_targets: ``stop_gradient`` on the predicted anchor inside the
       wh targets (the official code does not detach; default False).
     adjacent_ignore_eps: None (off) or float >= 0 (paper Table 2 ignore regions).
+    cls_center_radius: None (official) or int >= 0: dense class supervision
+      (see :func:`asff_jax.targets.class_region`; not in the paper or the official code).
     return_targets: also return the :class:`~asff_jax.targets.LevelTargets`.
+    return_stats: also the counts ``STATS`` (float32 scalars, not divided by B;
+      with several target classes at a slot, the largest target counts).
 
   Returns:
-    dict of float32 scalars with keys ``COMPONENTS`` (each already divided by B);
+    dict of float32 scalars with keys ``COMPONENTS`` (each already divided by B)
+    [+ ``STATS``];
     with ``return_targets`` a pair ``(dict, LevelTargets)``.
 
   Raises:
@@ -111,7 +126,8 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
   t = tgt_lib.assign_level(labels, dec, level=level, num_classes=num_classes,
                            input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks,
                            ignore_thre=ignore_thre, label_smoothing=label_smoothing,
-                           adjacent_ignore_eps=adjacent_ignore_eps)
+                           adjacent_ignore_eps=adjacent_ignore_eps,
+                           cls_center_radius=cls_center_radius)
   batch = raw.shape[0]
   out = dec["out"]
   pos = t.positive
@@ -143,13 +159,17 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
   l_wh = jnp.sum(t.tgt_scale[..., None] * jnp.abs(out[..., 2:4] - wh_target))
 
   l_obj = jnp.sum(t.obj_mask * bce_with_logits(out[..., 4], pos.astype(jnp.float32)))
-  l_cls = jnp.sum(jnp.where(pos[..., None], bce_with_logits(out[..., 5:], t.cls_target), 0.0))
+  l_cls = jnp.sum(jnp.where(t.cls_mask[..., None], bce_with_logits(out[..., 5:], t.cls_target), 0.0))
 
   comp = dict(anchor=l_anchor, iou=l_iou, xy=l_xy, wh=l_wh, obj=l_obj, cls=l_cls)
   comp = {k: v / batch for k, v in comp.items()}
   comp["l1"] = comp["xy"] + comp["wh"]
   comp["total"] = comp["anchor"] + comp["iou"] + comp["l1"] + comp["obj"] + comp["cls"]
   comp = {k: comp[k] for k in COMPONENTS}
+  if return_stats:
+    hit = jnp.argmax(out[..., 5:], -1) == jnp.argmax(t.cls_target, -1)
+    comp["num_pos"] = jnp.sum(pos).astype(jnp.float32)
+    comp["cls_correct"] = jnp.sum(pos & hit).astype(jnp.float32)
   return (comp, t) if return_targets else comp
 
 
@@ -172,12 +192,13 @@ def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=
     labels: ``(B, N, 5|6)`` input pixels (see :func:`level_loss`).
     loss_config: dict / ConfigDict with optional keys ``label_smoothing``
       (default True), ``ignore_thre`` (0.7), ``detach_anchor_targets`` (False),
-      ``adjacent_ignore_eps`` (None). Values must be static Python values.
+      ``adjacent_ignore_eps`` (None), ``cls_center_radius`` (None), the
+      ``*_weight`` multipliers. Values must be static Python values.
     num_classes: C. input_hw: ``(input_h, input_w)`` pixels.
 
   Returns:
     ``(total, aux)``: ``total`` a float32 scalar (sum over levels); ``aux`` maps
-    each of ``COMPONENTS`` to a ``(3,)`` float32 array (per level).
+    each of ``COMPONENTS`` and ``STATS`` to a ``(3,)`` float32 array (per level).
 
   Raises:
     ValueError: not exactly 3 levels, or see :func:`level_loss`.
@@ -188,11 +209,13 @@ def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=
       label_smoothing=bool(_cfg(loss_config, "label_smoothing", True)),
       ignore_thre=float(_cfg(loss_config, "ignore_thre", 0.7)),
       detach_anchor_targets=bool(_cfg(loss_config, "detach_anchor_targets", False)),
-      adjacent_ignore_eps=_cfg(loss_config, "adjacent_ignore_eps", None))
+      adjacent_ignore_eps=_cfg(loss_config, "adjacent_ignore_eps", None),
+      cls_center_radius=_cfg(loss_config, "cls_center_radius", None))
   per = [level_loss(lv["raw"], lv["guide_wh"], labels, level=l, num_classes=num_classes,
-                    input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks, **kw)
+                    input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks,
+                    return_stats=True, **kw)
          for l, lv in enumerate(levels)]
-  aux = {k: jnp.stack([p[k] for p in per]) for k in COMPONENTS}
+  aux = {k: jnp.stack([p[k] for p in per]) for k in COMPONENTS + STATS}
   weights = {k: float(_cfg(loss_config, f"{k}_weight", 1.0)) for k in ("anchor", "iou", "l1", "obj", "cls")}
   if all(w == 1.0 for w in weights.values()):
     total = jnp.sum(aux["total"])  # official: the plain sum
@@ -210,6 +233,9 @@ def default_loss_config():
     True stops the wh-L1 gradient into ``guide_wh`` through the target.
   * ``adjacent_ignore_eps`` None — off; a float ≥ 0 enables the paper's Table 2 adjacent ignore
     (0 = centre location only).
+  * ``cls_center_radius`` None — official (class loss at positives only); an int r ≥ 0 also
+    trains the class logits at every slot of the cells within r of each GT centre that overlap
+    its box (:func:`asff_jax.targets.class_region`; not in the paper or the official code).
   * ``anchor_weight``, ``iou_weight``, ``l1_weight``, ``obj_weight``, ``cls_weight`` 1.0 —
     multipliers of the components in the total (official: all 1, the plain sum). The
     per-component values in ``aux`` stay unweighted.
@@ -221,6 +247,7 @@ def default_loss_config():
   c.ignore_thre = 0.7
   c.detach_anchor_targets = False
   c.adjacent_ignore_eps = ml_collections.config_dict.placeholder(float)
+  c.cls_center_radius = ml_collections.config_dict.placeholder(int)
   for k in ("anchor", "iou", "l1", "obj", "cls"):
     c[f"{k}_weight"] = 1.0
   return c
@@ -245,7 +272,7 @@ def loss_fn(variables, images, labels, *, model, config, train: bool = True, rng
   Returns:
     ``(loss, aux)``: ``loss`` float32 scalar = Σ levels (anchor + iou + l1 + obj
     + cls) / B; ``aux`` maps ``'anchor', 'iou', 'l1', 'xy', 'wh', 'obj', 'cls',
-    'total'`` to ``(3,)`` per-level arrays (level 0 = stride 32), and
+    'total'`` and the counts ``STATS`` to ``(3,)`` per-level arrays (level 0 = stride 32), and
     ``'batch_stats'`` to the updated statistics (unchanged when ``train=False``).
   """
   loss_config = config.get("loss", None) if hasattr(config, "get") else None

@@ -57,7 +57,8 @@ Assignment rules (spec §6 "Target assignment", parity README quirks 2-5)
    natural generalisation to non-square inputs and identical for square ones.
 
 Optional (off by default): the paper's adjacent ignore regions (Table 2),
-see :func:`adjacent_ignore_mask`.
+see :func:`adjacent_ignore_mask`; and dense class supervision (not in the
+paper or the official code), see :func:`class_region`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ class LevelTargets(NamedTuple):
     xy_target: ``(..., 2)`` in-cell offsets ``[cx*W/in_w - i, cy*H/in_h - j]``.
     box_target: ``(..., 4)`` GT ``[cx, cy, w, h]`` in grid units (0 off positives).
     tgt_scale: ``2 - w*h/(in_w*in_h)`` at positives, 0 elsewhere.
-    cls_target: ``(..., C)`` class targets (0 off positives).
+    cls_target: ``(..., C)`` class targets (0 where ``cls_mask`` is False).
+    cls_mask: bool — where the class loss applies: ``positive`` (official), or
+      with ``cls_center_radius`` also every slot of the cells around each GT
+      centre (:func:`class_region`).
     anchor_mask: bool — guided-anchor shape loss mask.
     anchor_target_wh: ``(..., 2)`` GT wh in grid units where ``anchor_mask``.
     ignored: bool — IoU-based ignore (rule 4), before positives are written.
@@ -106,6 +110,7 @@ class LevelTargets(NamedTuple):
   box_target: jax.Array
   tgt_scale: jax.Array
   cls_target: jax.Array
+  cls_mask: jax.Array
   anchor_mask: jax.Array
   anchor_target_wh: jax.Array
   ignored: jax.Array
@@ -290,6 +295,57 @@ def adjacent_ignore_mask(labels, gt_level, *, level: int, grid_hw, input_hw,
   return jnp.any(inside & adjacent[..., None, None], axis=1)
 
 
+def class_region(labels, in_level, *, grid_hw, input_hw, radius: int):
+  """Dense class-supervision cells of one level (an option, not official), ``(B, H*W)`` int32.
+
+  The official loss trains the class logits at one (cell, slot) per GT. With
+  ``radius = r`` every cell within Chebyshev distance ``r`` of a GT's centre
+  cell that also overlaps the GT box (cell ranges by the same truncation as the
+  centre cell, clipped into the grid) is labelled with that GT, at all 4 slots
+  — the "centre sampling" of dense detectors (FCOS, Tian et al. 2019), used
+  here for the class term only: objectness and box targets stay official.
+  Where regions of several GTs of this level meet, the GT with the smallest box
+  area wins (ties: the larger GT index); the result does not depend on XLA's
+  scatter order.
+
+  Args:
+    labels: ``(B, N, 5|6)`` input pixels. in_level: ``(B, N)`` bool, GTs of this level.
+    grid_hw: ``(H, W)``; input_hw: ``(input_h, input_w)`` pixels; radius: r >= 0.
+
+  Returns:
+    ``(B, H*W)`` int32 GT index labelling each cell, -1 where none.
+
+  Raises:
+    ValueError: ``radius < 0``.
+  """
+  if radius < 0:
+    raise ValueError(f"cls_center_radius must be >= 0, got {radius}")
+  h, w = grid_hw
+  in_h, in_w = input_hw
+  lab = labels.astype(jnp.float32)
+  b, n = lab.shape[:2]
+  _, _, j, i = _cells(lab, grid_hw, input_hw)
+  cx, cy, bw, bh = lab[..., 1], lab[..., 2], lab[..., 3], lab[..., 4]
+  def box_span(c, size, in_size, num, centre):
+    lo = jnp.clip(((c - size / 2) / in_size * num).astype(jnp.int32), 0, num - 1)
+    hi = jnp.clip(((c + size / 2) / in_size * num).astype(jnp.int32), 0, num - 1)
+    return jnp.maximum(lo, centre - radius), jnp.minimum(hi, centre + radius)
+  i0, i1 = box_span(cx, bw, in_w, w, i)
+  j0, j1 = box_span(cy, bh, in_h, h, j)
+  cols = jnp.arange(w)[None, None, None, :]
+  rows = jnp.arange(h)[None, None, :, None]
+  inside = ((cols >= i0[..., None, None]) & (cols <= i1[..., None, None]) &
+            (rows >= j0[..., None, None]) & (rows <= j1[..., None, None]) &
+            in_level[..., None, None])  # (B, N, H, W)
+  # Priority: smaller area wins; rank 0 = largest box. Ties keep index order.
+  area = bw * bh
+  order = jnp.argsort(-area, axis=1, stable=True)  # (B, N), largest area first
+  rank = jnp.argsort(order, axis=1).astype(jnp.int32)  # rank of each GT
+  best = jnp.max(jnp.where(inside, rank[..., None, None], -1), axis=1)  # (B, H, W)
+  gt = jnp.take_along_axis(order, jnp.maximum(best, 0).reshape(b, h * w), axis=1)
+  return jnp.where(best.reshape(b, h * w) >= 0, gt, -1).astype(jnp.int32)
+
+
 def _winner_map(num_keys, keys, gt_index, writes):
   """``(B, num_keys)`` int32: per key the largest writing GT index, -1 if none.
 
@@ -311,7 +367,8 @@ def _gather_gt(values, winner):
 
 def assign_level(labels, decoded, *, level: int, num_classes: int, input_hw,
                  anchors=ANCHORS, anchor_masks=ANCHOR_MASKS, ignore_thre: float = 0.7,
-                 label_smoothing: bool = True, adjacent_ignore_eps=None) -> LevelTargets:
+                 label_smoothing: bool = True, adjacent_ignore_eps=None,
+                 cls_center_radius=None) -> LevelTargets:
   """Official target assignment for one level (spec §6; module docstring rules 1-8).
 
   Args:
@@ -324,12 +381,17 @@ def assign_level(labels, decoded, *, level: int, num_classes: int, input_hw,
     label_smoothing: official LABAL_SMOOTH (see rule 6).
     adjacent_ignore_eps: ``None`` (off, official) or a float >= 0, see
       :func:`adjacent_ignore_mask`.
+    cls_center_radius: ``None`` (official: class loss at positives only) or
+      an int r >= 0: class targets also at every slot of the cells of
+      :func:`class_region` (the GT's class, smoothed like the official one);
+      positives keep their official targets.
 
   Returns:
     :class:`LevelTargets`.
 
   Raises:
-    ValueError: labels not ``(B, N, 5|6)``; negative ``adjacent_ignore_eps``.
+    ValueError: labels not ``(B, N, 5|6)``; negative ``adjacent_ignore_eps`` or
+      ``cls_center_radius``.
   """
   if labels.ndim != 3 or labels.shape[-1] not in (5, 6):
     raise ValueError(f"labels must be (B, N, 5|6), got {labels.shape}")
@@ -400,6 +462,18 @@ def assign_level(labels, decoded, *, level: int, num_classes: int, input_hw,
     bidx = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
     cls_target = jnp.zeros((b, m, c), jnp.float32).at[bidx, pos_key, cls_id].max(
         in_level.astype(jnp.float32))
+  cls_mask = positive
+  if cls_center_radius is not None:
+    region = class_region(lab, in_level, grid_hw=(h, w), input_hw=input_hw,
+                          radius=int(cls_center_radius))  # (B, H*W)
+    region_cls = jnp.take_along_axis(cls_id, jnp.maximum(region, 0), axis=1)
+    on, off = (1.0 - 1.0 / c, 1.0 / c) if label_smoothing else (1.0, 0.0)
+    dense_cls = jnp.where(jax.nn.one_hot(region_cls, c, dtype=jnp.float32) > 0, on, off)
+    dense_cls = jnp.repeat(dense_cls, s, axis=1)  # (B, M, C): every slot of the cell
+    region_m = jnp.repeat(region >= 0, s, axis=1)
+    cls_target = jnp.where(positive[..., None], cls_target,
+                           jnp.where(region_m[..., None], dense_cls, 0.0))
+    cls_mask = positive | region_m
 
   # Rule 7: guided-anchor shape targets (slot a and slot 3), own winners.
   anc_key = jnp.concatenate([cell * s + gt_slot, cell * s + (s - 1)], 1)
@@ -412,7 +486,7 @@ def assign_level(labels, decoded, *, level: int, num_classes: int, input_hw,
   return LevelTargets(
       positive=dense(positive), obj_mask=dense(obj_mask),
       xy_target=dense(xy_target, 2), box_target=dense(box_target, 4),
-      tgt_scale=dense(tgt_scale), cls_target=dense(cls_target, c),
+      tgt_scale=dense(tgt_scale), cls_target=dense(cls_target, c), cls_mask=dense(cls_mask),
       anchor_mask=dense(anchor_mask), anchor_target_wh=dense(anchor_target_wh, 2),
       ignored=ignored, adjacent_ignored=adjacent,
       valid=valid, in_level=in_level, best_n=best_n, slot=slot, j=j, i=i,

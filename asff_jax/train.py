@@ -376,8 +376,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, conf
     ema_decay: > 0 updates ``state.ema_params``.
 
   Returns:
-    ``(new_state, metrics)``; metrics are scalars except the per-level
-    ``loss_<component>`` arrays of shape (3,).
+    ``(new_state, metrics)``; metrics are scalars (among them ``cls_acc``, the
+    argmax class accuracy at the positives, and ``positives_per_image``) except
+    the per-level ``loss_<component>`` arrays of shape (3,).
   """
   lr = lr_fn(state.step)
   opt_state = optim.set_learning_rate(state.opt_state, lr)
@@ -414,7 +415,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, conf
       nonfinite_count=state.nonfinite_count + nonfinite,
       consecutive_nonfinite=(state.consecutive_nonfinite + 1) * nonfinite,
   )
+  num_pos, cls_correct = aux.pop("num_pos", None), aux.pop("cls_correct", None)
   metrics = {f"loss_{k}": v for k, v in aux.items() if k != "total"}
+  if num_pos is not None:  # class accuracy (argmax) at the positives, all levels
+    metrics["cls_acc"] = jnp.sum(cls_correct) / jnp.maximum(jnp.sum(num_pos), 1.0)
+    metrics["positives_per_image"] = jnp.sum(num_pos) / batch["images"].shape[0]
   metrics.update(loss=loss, lr=lr, grad_norm=optax.global_norm(grads), finite=finite,
                  nonfinite_count=new_state.nonfinite_count,
                  consecutive_nonfinite=new_state.consecutive_nonfinite)
@@ -713,8 +718,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         "step_time_sec": dt, "eta_hours": dt * (total_steps - step) / 3600.0,
                         "nonfinite_count": int(shd.to_host(state.nonfinite_count))})
         writer.write_scalars(step, scalars)
-        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %.2f h", step, total_steps,
-                     scalars.get("train/loss", float("nan")), scalars.get("lr", float("nan")),
+        logging.info("step %d/%d  loss %.4f  cls_acc %.3f  lr %.3g  %.1f img/s  ETA %.2f h", step,
+                     total_steps, scalars.get("train/loss", float("nan")),
+                     scalars.get("train/cls_acc", float("nan")), scalars.get("lr", float("nan")),
                      scalars["images_per_sec"], scalars["eta_hours"])
         t_log, steps_since_log = now, 0
       if do_ckpt or stop_now:

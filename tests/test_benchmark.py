@@ -50,3 +50,20 @@ def test_benchmark_quick_all(tmp_path, capsys):
 def test_unknown_model_is_refused():
   with pytest.raises(ValueError, match="--models"):
     benchmark.model_config("yolox")
+
+
+@pytest.mark.slow
+def test_benchmark_profile_quick(tmp_path):
+  """``--what profile --quick``: the op-level breakdown covers the step (slow: two more compiles)."""
+  out = tmp_path / "prof.json"
+  assert benchmark.main(["--what", "profile", "--quick", "--out", str(out)]) == 0
+  res = json.loads(out.read_text())["profile"]
+  assert [r["what"] for r in res["results"]] == ["forward", "train"]
+  for r in res["results"]:
+    prof = r["profile"]
+    assert prof["total_s"] > 0 and prof["wall_s"] > 0
+    assert sum(v["share"] for v in prof["by_region"].values()) == pytest.approx(1.0)
+    regions = {k.split("/")[0] for k in prof["by_region"]}
+    assert {"backbone", "neck", "dcn"} <= regions
+  train = res["results"][1]["profile"]
+  assert any(k.startswith("conv-weight-grad/") for k in train["by_kind"])

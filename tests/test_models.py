@@ -321,3 +321,23 @@ def test_objectness_bias_prior_init():
   c.model.obj_bias_prior = 1.5
   with pytest.raises(ValueError, match="obj_bias_prior"):
     create_model(c).init(jax.random.key(0), x)
+
+
+def test_model_dcn_formulation_option_same_outputs():
+  """``model.dcn_formulation='patches'``: same parameters, same outputs as the default."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from asff_jax.models import create_model, default_model_config, random_variables  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict({"model": default_model_config()})
+  c.model.width, c.model.stage_blocks, c.model.num_classes = 0.125, (1, 1, 1, 1, 1), 3
+  m0 = create_model(c)
+  c.model.dcn_formulation = "patches"
+  m1 = create_model(c)
+  v = random_variables(m0, (64, 64))
+  assert jax.tree.structure(v) == jax.tree.structure(random_variables(m1, (64, 64)))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(m1.apply(v, x)["pred"]), np.asarray(m0.apply(v, x)["pred"]),
+                             rtol=1e-4, atol=1e-4)
+  c.model.dcn_formulation = "taps"
+  with pytest.raises(ValueError, match="dcn_formulation"):
+    create_model(c)

@@ -8,6 +8,7 @@ import ml_collections
 from asff_jax.models.config import (ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES, YOLOV3_ANCHORS,
                                     default_model_config, resolve_anchors)
 from asff_jax.models.detector import YOLOv3
+from asff_jax.models.dcn import FORMULATIONS
 from asff_jax.models.fusion import FUSIONS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,6 +32,9 @@ def create_model(config) -> YOLOv3:
   m = model_config(config)
   if m.fusion not in FUSIONS:
     raise ValueError(f"model.fusion must be one of {FUSIONS}, got {m.fusion!r}")
+  if m.get("dcn_formulation", "corners") not in FORMULATIONS:
+    raise ValueError(f"model.dcn_formulation must be one of {FORMULATIONS}, "
+                     f"got {m.dcn_formulation!r}")
   if m.dtype not in _DTYPES:
     raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, got {m.dtype!r}")
   compress_c = m.get("compress_c", None)
@@ -46,6 +50,7 @@ def create_model(config) -> YOLOv3:
       stage_blocks=tuple(int(b) for b in m.stage_blocks),
       dtype=_DTYPES[m.dtype],
       obj_bias_prior=m.get("obj_bias_prior", None),
+      dcn_formulation=str(m.get("dcn_formulation", "corners")),
   )
 
 

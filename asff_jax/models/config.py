@@ -16,6 +16,10 @@ Keys (all overridable with ``--config.model.KEY=VALUE``):
 * ``stage_blocks``: Darknet residual blocks per stage (official (1, 2, 8, 8, 4)).
 * ``compress_c``: ASFF weight-conv channels; None → 16, or 8 with RFB.
 * ``dtype``: ``'float32'``, or ``'bfloat16'`` (bf16 compute, float32 params).
+* ``dcn_formulation``: how the head's deformable conv is computed, ``'corners'``
+  (default) or ``'patches'`` — same values and gradients, different speed
+  (:func:`asff_jax.models.dcn.deform_conv2d`; ``'patches'`` is faster in the
+  training step at small widths on CPU, ``'corners'`` at full width).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   # None = official (zero bias); π in (0, 1): objectness bias starts at logit(π) (not official)
   c.obj_bias_prior = ml_collections.config_dict.placeholder(float)
   c.dtype = "float32"
+  c.dcn_formulation = "corners"
   return c
 
 

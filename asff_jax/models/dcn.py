@@ -11,8 +11,9 @@ Semantics follow the official CUDA im2col kernel (``utils/DCN``) exactly:
   sample is 0 unless −1 < h < H and −1 < w < W);
 * the result is the im2col matmul with the (kh, kw, C_in, C_out) kernel, + bias.
 
-Formulations (same values, tested; :class:`DeformConv` uses ``'corners'``,
-the faster one in the full model on this CPU, see ``experiments/benchmarks.md``):
+Formulations (same values, tested; :class:`DeformConv` uses ``'corners'`` by
+default, the faster one in the full-width model on this CPU, see
+``experiments/benchmarks.md``; ``model.dcn_formulation`` selects one):
 
 * ``'corners'``: the four bilinear corners are gathered with
   ``take_along_axis`` from the flattened (B, H·W, G, C/G) input — one gather
@@ -141,6 +142,7 @@ class DeformConv(nn.Module):
   kernel_size: int = 3
   groups: int = 4
   dtype: Any = jnp.float32
+  formulation: str = "corners"
 
   @nn.compact
   def __call__(self, x, offset):
@@ -152,4 +154,4 @@ class DeformConv(nn.Module):
     bias = self.param("bias", lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound),
                       (self.features,))
     return deform_conv2d(x.astype(self.dtype), offset, kernel.astype(self.dtype), bias,
-                         groups=self.groups, padding=(ks - 1) // 2)
+                         groups=self.groups, padding=(ks - 1) // 2, formulation=self.formulation)

@@ -63,6 +63,7 @@ class YOLOv3(nn.Module):
   stage_blocks: Sequence[int] = OFFICIAL_STAGE_BLOCKS
   dtype: Any = jnp.float32
   obj_bias_prior: Optional[float] = None  # see models.head.objectness_bias_init (not official)
+  dcn_formulation: str = "corners"  # see models.dcn.deform_conv2d (same values)
 
   @nn.compact
   def __call__(self, images, train: bool = False, dropblock=None):
@@ -78,7 +79,7 @@ class YOLOv3(nn.Module):
       fused = LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype,
                           name=f"fusion_{l}")(neck, train)
       head = GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, self.obj_bias_prior,
-                              name=f"head_{l}")(fused["out"])
+                              self.dcn_formulation, name=f"head_{l}")(fused["out"])
       head["head_input"] = fused["out"]
       if "weights" in fused:
         head["fusion_weights"] = fused["weights"]

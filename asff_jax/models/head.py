@@ -44,6 +44,7 @@ class FeatureAdaption(nn.Module):
 
   rfb: bool = False
   dtype: Any = jnp.float32
+  dcn_formulation: str = "corners"
 
   @nn.compact
   def __call__(self, x, guide_wh):
@@ -57,7 +58,8 @@ class FeatureAdaption(nn.Module):
       x = RFBBlock(dtype=self.dtype, name="rfb")(x)
       out["rfb"] = x
     out["offset"] = offset
-    out["adapted"] = DeformConv(c, 3, DEFORM_GROUPS, dtype=self.dtype, name="dconv")(x, offset)
+    out["adapted"] = DeformConv(c, 3, DEFORM_GROUPS, dtype=self.dtype,
+                                formulation=self.dcn_formulation, name="dconv")(x, offset)
     return out
 
 
@@ -92,6 +94,7 @@ class GuidedAnchorHead(nn.Module):
     dtype: compute dtype (outputs ``raw`` and ``guide_wh`` are float32).
     obj_bias_prior: None (official zero bias) or the initial objectness π
       (:func:`objectness_bias_init`).
+    dcn_formulation: ``'corners'`` or ``'patches'`` (:func:`~asff_jax.models.dcn.deform_conv2d`).
 
   Call with ``(B, H, W, C_in)``; returns a dict with ``'raw'``
   ``(B, H, W, 4·(5 + C))``, ``'guide_wh'`` ``(B, H, W, 8)``, ``'offset'``,
@@ -102,13 +105,15 @@ class GuidedAnchorHead(nn.Module):
   rfb: bool = False
   dtype: Any = jnp.float32
   obj_bias_prior: Optional[float] = None
+  dcn_formulation: str = "corners"
 
   @nn.compact
   def __call__(self, x):
     guide_wh = nn.Conv(2 * NUM_SLOTS, (1, 1), use_bias=True, dtype=self.dtype,
                        param_dtype=jnp.float32, kernel_init=conv_init, name="guide_wh")(x)
     guide_wh = guide_wh.astype(jnp.float32)
-    out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, name="feature_adaption")(x, guide_wh)
+    out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, dcn_formulation=self.dcn_formulation,
+                          name="feature_adaption")(x, guide_wh)
     raw = nn.Conv(NUM_SLOTS * (5 + self.num_classes), (1, 1), use_bias=True, dtype=self.dtype,
                   param_dtype=jnp.float32, kernel_init=conv_init, name="conv",
                   bias_init=objectness_bias_init(self.num_classes, self.obj_bias_prior))(
