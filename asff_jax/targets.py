@@ -276,23 +276,37 @@ def adjacent_ignore_mask(labels, gt_level, *, level: int, grid_hw, input_hw,
   """
   if eps < 0:
     raise ValueError(f"adjacent_ignore_eps must be >= 0, got {eps}")
+  i0, i1, j0, j1 = _box_cell_span(labels, eps, grid_hw, input_hw)
+  adjacent = (gt_level >= 0) & (jnp.abs(gt_level - level) == 1)  # padding rows have -1
+  return jnp.any(_cell_rect(i0, i1, j0, j1, grid_hw) & adjacent[..., None, None], axis=1)
+
+
+def _box_cell_span(labels, scale: float, grid_hw, input_hw):
+  """Cell ranges ``(i0, i1, j0, j1)``, each ``(B, N)`` int32 inclusive, of every GT box
+  shrunk about its centre to ``scale`` of its width and height (same truncation as the
+  centre cell, clipped into the grid; negative coordinates truncate to the first cell)."""
   h, w = grid_hw
   in_h, in_w = input_hw
   lab = labels.astype(jnp.float32)
   cx, cy, bw, bh = lab[..., 1], lab[..., 2], lab[..., 3], lab[..., 4]
+
   def span(c, size, in_size, n):
-    lo = jnp.clip(((c - eps * size / 2) / in_size * n).astype(jnp.int32), 0, n - 1)
-    hi = jnp.clip(((c + eps * size / 2) / in_size * n).astype(jnp.int32), 0, n - 1)
+    lo = jnp.clip(((c - scale * size / 2) / in_size * n).astype(jnp.int32), 0, n - 1)
+    hi = jnp.clip(((c + scale * size / 2) / in_size * n).astype(jnp.int32), 0, n - 1)
     return lo, hi
-  # Negative coordinates truncate towards 0 == the clipped first cell, as wanted.
+
   i0, i1 = span(cx, bw, in_w, w)
   j0, j1 = span(cy, bh, in_h, h)
-  adjacent = (gt_level >= 0) & (jnp.abs(gt_level - level) == 1)  # padding rows have -1
+  return i0, i1, j0, j1
+
+
+def _cell_rect(i0, i1, j0, j1, grid_hw):
+  """``(B, N, H, W)`` bool: cells inside the inclusive ranges ``[j0, j1] x [i0, i1]``."""
+  h, w = grid_hw
   cols = jnp.arange(w)[None, None, None, :]
   rows = jnp.arange(h)[None, None, :, None]
-  inside = ((cols >= i0[..., None, None]) & (cols <= i1[..., None, None]) &
-            (rows >= j0[..., None, None]) & (rows <= j1[..., None, None]))
-  return jnp.any(inside & adjacent[..., None, None], axis=1)
+  return ((cols >= i0[..., None, None]) & (cols <= i1[..., None, None]) &
+          (rows >= j0[..., None, None]) & (rows <= j1[..., None, None]))
 
 
 def class_region(labels, in_level, *, grid_hw, input_hw, radius: int):
@@ -321,24 +335,15 @@ def class_region(labels, in_level, *, grid_hw, input_hw, radius: int):
   if radius < 0:
     raise ValueError(f"cls_center_radius must be >= 0, got {radius}")
   h, w = grid_hw
-  in_h, in_w = input_hw
   lab = labels.astype(jnp.float32)
-  b, n = lab.shape[:2]
+  b = lab.shape[0]
   _, _, j, i = _cells(lab, grid_hw, input_hw)
-  cx, cy, bw, bh = lab[..., 1], lab[..., 2], lab[..., 3], lab[..., 4]
-  def box_span(c, size, in_size, num, centre):
-    lo = jnp.clip(((c - size / 2) / in_size * num).astype(jnp.int32), 0, num - 1)
-    hi = jnp.clip(((c + size / 2) / in_size * num).astype(jnp.int32), 0, num - 1)
-    return jnp.maximum(lo, centre - radius), jnp.minimum(hi, centre + radius)
-  i0, i1 = box_span(cx, bw, in_w, w, i)
-  j0, j1 = box_span(cy, bh, in_h, h, j)
-  cols = jnp.arange(w)[None, None, None, :]
-  rows = jnp.arange(h)[None, None, :, None]
-  inside = ((cols >= i0[..., None, None]) & (cols <= i1[..., None, None]) &
-            (rows >= j0[..., None, None]) & (rows <= j1[..., None, None]) &
-            in_level[..., None, None])  # (B, N, H, W)
+  i0, i1, j0, j1 = _box_cell_span(lab, 1.0, grid_hw, input_hw)
+  inside = _cell_rect(jnp.maximum(i0, i - radius), jnp.minimum(i1, i + radius),
+                      jnp.maximum(j0, j - radius), jnp.minimum(j1, j + radius),
+                      grid_hw) & in_level[..., None, None]  # (B, N, H, W)
   # Priority: smaller area wins; rank 0 = largest box. Ties keep index order.
-  area = bw * bh
+  area = lab[..., 3] * lab[..., 4]
   order = jnp.argsort(-area, axis=1, stable=True)  # (B, N), largest area first
   rank = jnp.argsort(order, axis=1).astype(jnp.int32)  # rank of each GT
   best = jnp.max(jnp.where(inside, rank[..., None, None], -1), axis=1)  # (B, H, W)
