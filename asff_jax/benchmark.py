@@ -49,6 +49,8 @@ import argparse
 import json
 import sys
 
+from asff_jax.profiling import median_time
+
 #: Official augmentation rate per core on this machine (issue 7), images/s.
 OFFICIAL_AUG_IMAGES_PER_CORE = 29.0
 #: The official PyTorch model on this machine (float32, 2 threads; issue 7), seconds.
@@ -85,19 +87,6 @@ def format_input(res: dict) -> str:
   return "\n".join(lines)
 
 
-def _median_time(fn, repeats: int) -> float:
-  import time  # pylint: disable=import-outside-toplevel
-
-  import jax  # pylint: disable=import-outside-toplevel
-
-  times = []
-  for _ in range(max(int(repeats), 1)):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(sorted(times)[len(times) // 2])
-
-
 def _compile(fn, *args):
   """(compiled, compile seconds, flops, peak bytes) of ``jax.jit(fn)`` at ``args``."""
   import time  # pylint: disable=import-outside-toplevel
@@ -130,7 +119,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   compiled, _, _, _ = _compile(lambda x, y: x @ y, a, b)
   jax.block_until_ready(compiled(a, b))
-  t = _median_time(lambda: compiled(a, b), repeats)
+  t = median_time(lambda: compiled(a, b), repeats)
   return {"n": n, "seconds": t, "gflops": 2.0 * n**3 / t / 1e9}
 
 
@@ -221,7 +210,7 @@ def bench_case(what: str, name: str, size: int, batch: int, dtype: str, *, repea
     raise ValueError(f"unknown case {what!r}")
   compiled, row["compile_s"], row["flops"], row["peak_bytes"] = _compile(fn, *args)
   jax.block_until_ready(compiled(*args))
-  row["seconds"] = _median_time(lambda: compiled(*args), repeats)
+  row["seconds"] = median_time(lambda: compiled(*args), repeats)
   row["gflops"] = row["flops"] / row["seconds"] / 1e9
   if what == "forward":  # every model has the guided-anchor heads with their DCN
     cdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -232,7 +221,7 @@ def bench_case(what: str, name: str, size: int, batch: int, dtype: str, *, repea
 
     dcn_c, _, row["dcn_flops"], _ = _compile(dcn_all, parts)
     jax.block_until_ready(dcn_c(parts))
-    row["dcn_seconds"] = _median_time(lambda: dcn_c(parts), repeats)
+    row["dcn_seconds"] = median_time(lambda: dcn_c(parts), repeats)
     row["dcn_share"] = row["dcn_seconds"] / row["seconds"]
   row["_run"] = lambda: compiled(*args)  # kept for the interleaved baseline ratio, not serialised
   row["_compiled"] = compiled  # kept for --what profile, not serialised
@@ -271,8 +260,8 @@ def bench_models(whats, *, models=MODELS, sizes=(320, 416, 608), batches=(1, 8),
     if b is not None and r["model"] != "none":
       tb, tr = [], []
       for _ in range(max(int(repeats), 1)):
-        tb.append(_median_time(b["_run"], 1))
-        tr.append(_median_time(r["_run"], 1))
+        tb.append(median_time(b["_run"], 1))
+        tr.append(median_time(r["_run"], 1))
       r["time_ratio_to_baseline"] = float(np.median(tr) / np.median(tb))
   for r in rows:
     r.pop("_run", None)
@@ -300,7 +289,8 @@ def profile_cases(cases, *, runs: int = 3, quick: bool = False, config=None, log
   out = []
   for what, name, size, batch, dtype in cases:
     row = bench_case(what, name, size, batch, dtype, repeats=1, quick=quick, config=config)
-    prof = profiling.profile_compiled(row.pop("_compiled"), row.pop("_run"), runs=runs)
+    prof = profiling.profile_compiled(row.pop("_compiled"), row.pop("_run"), runs=runs,
+                                      wall_s=row["seconds"])
     row.update(profile=prof, ratio_to_peak=row["gflops"] / peak["gflops"])
     log(format_row(row))
     log(profiling.format_profile(prof, peak["gflops"]))

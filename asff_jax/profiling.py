@@ -99,6 +99,11 @@ def _flops(opcode: str, shape: str, rest: str, shapes: dict[str, str]) -> float:
   return 0.0
 
 
+def _op_name(line: str) -> str:
+  m = re.search(r'op_name="([^"]*)"', line)
+  return m.group(1) if m else ""
+
+
 def _is_weight_grad(line: str) -> bool:
   """A convolution without metadata: XLA's CPU rewrite of a conv's kernel gradient.
 
@@ -148,7 +153,6 @@ def parse_hlo(hlo_text: str) -> dict[str, dict]:
 
   ops = {}
   for (name, shape, opcode, rest), line in comps[entry]:
-    meta = re.search(r'op_name="([^"]*)"', line)
     body = [(opcode, shape, rest, line, entry)]
     for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
       body += inner(callee)
@@ -174,15 +178,11 @@ def parse_hlo(hlo_text: str) -> dict[str, dict]:
     else:
       kind = "elementwise"
     flops = sum(_flops(o, s, r, shapes[c]) for o, s, r, _, c in body if o in ("convolution", "dot"))
-    # The op_name of a fusion's own line is often that of an elementwise root without the
-    # module path; the heavy instruction inside (conv, dot, gather, scatter) names the layer.
-    op_name = meta.group(1) if meta else ""
-    for o, _, _, l, _ in sorted(body, key=lambda b: b[0] not in _HEAVY):
-      inner_meta = re.search(r'op_name="([^"]*)"', l)
-      if inner_meta and (o in _HEAVY or region_of(op_name) == REGIONS[-1]):
-        if o in _HEAVY or region_of(inner_meta.group(1)) != REGIONS[-1]:
-          op_name = inner_meta.group(1)
-          break
+    # A fusion's own op_name is often that of an elementwise root without the module path;
+    # the heavy instruction inside (conv, dot, gather, scatter) names the layer.
+    heavy = [n for n in (_op_name(b[3]) for b in body if b[0] in _HEAVY) if n]
+    in_model = [n for n in map(_op_name, [line] + [b[3] for b in body]) if region_of(n) != REGIONS[-1]]
+    op_name = (heavy or in_model or [_op_name(line)])[0]
     ops[name] = {"opcode": opcode, "op_name": op_name, "kind": kind, "flops": flops}
   return ops
 
@@ -221,34 +221,34 @@ def trace_op_times(run: Callable[[], object], runs: int = 3, trace_dir: str | No
   return dict(times)
 
 
-def _median_wall(run: Callable[[], object], runs: int) -> float:
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall seconds of ``repeats`` (≥ 1) calls of ``fn`` (each waited for with ``block_until_ready``)."""
   import time  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
 
-  ts = []
-  for _ in range(max(runs, 1)):
+  times = []
+  for _ in range(max(int(repeats), 1)):
     t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    ts.append(time.perf_counter() - t0)
-  return sorted(ts)[len(ts) // 2]
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(sorted(times)[len(times) // 2])
 
 
-def profile_compiled(compiled, run: Callable[[], object], *, runs: int = 3) -> dict:
+def profile_compiled(compiled, run: Callable[[], object], *, runs: int = 3, wall_s: float | None = None) -> dict:
   """Time breakdown of one compiled function; see the module docstring.
 
-  Returns ``{'total_s', 'wall_s', 'op_time_over_wall', 'by_region', 'by_kind', 'top_ops'}``
-  (``total_s``: summed op time per call, which can exceed the wall time ``wall_s`` when
-  XLA runs independent ops concurrently on several threads; ``by_*`` keyed ``"region/pass"``
-  or ``"kind/pass"``)
-  as JSON-friendly dicts (keys ``"region/pass"``), each entry with ``seconds``, ``share`` (of the
-  matched op time), ``gflop`` and ``gflops`` (conv + dot FLOPs over their time).
+  Returns a JSON-friendly ``{'total_s', 'wall_s', 'op_time_over_wall', 'by_region', 'by_kind',
+  'top_ops'}``: ``wall_s`` as given, else measured; ``total_s`` the summed op time per call,
+  which can exceed ``wall_s`` when XLA runs independent ops on several threads at once;
+  ``by_region`` / ``by_kind`` keyed ``"region/pass"`` / ``"kind/pass"``, each entry with
+  ``seconds``, ``share`` (of ``total_s``), ``gflop`` and ``gflops`` (conv + dot FLOPs over their time).
   """
   ops = parse_hlo(compiled.as_text())
   times = trace_op_times(run, runs=runs)
   matched = {n: t for n, t in times.items() if n in ops}
   total = sum(matched.values())
-  wall = _median_wall(run, runs)
+  wall = wall_s if wall_s is not None else median_time(run, runs)
 
   def acc(key_fn):
     out = collections.defaultdict(lambda: {"seconds": 0.0, "flop": 0.0, "mm_seconds": 0.0})
