@@ -259,7 +259,8 @@ def bench_models(whats, *, models=MODELS, sizes=(320, 416, 608), batches=(1, 8),
     b = base.get(key(r))
     if b is not None and r["model"] != "none":
       tb, tr = [], []
-      for _ in range(max(int(repeats), 1)):
+      # quick mode times milliseconds: at least 5 pairs so one stray stall cannot flip the ratio
+      for _ in range(max(int(repeats), 5 if quick else 1)):
         tb.append(median_time(b["_run"], 1))
         tr.append(median_time(r["_run"], 1))
       r["time_ratio_to_baseline"] = float(np.median(tr) / np.median(tb))
