@@ -240,12 +240,40 @@ class CocoEvaluator:
       json.dump(self._results, f)
     return path
 
-  def evaluate(self, image_ids: Optional[Iterable] = None) -> dict[str, float]:
+  def add_results_json(self, path) -> None:
+    """Add the detections of a results json written by :meth:`write_results`
+    (original-image pixels, COCO ``[x, y, w, h]``). Only images with a
+    detection become known this way: pass ``image_ids`` to :meth:`evaluate` to
+    include the images that had none (e.g. the whole split).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: an entry lacks ``image_id``,
+        ``category_id``, ``bbox`` or ``score``, or names an image not in the GT.
+    """
+    with open(path) as f:
+      rows = json.load(f)
+    known = set(self.coco.getImgIds())
+    for i, r in enumerate(rows):
+      missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in r]
+      if missing:
+        raise ValueError(f"{path}: entry {i} lacks {missing}")
+      if r["image_id"] not in known:
+        raise ValueError(f"{path}: entry {i} names image {r['image_id']!r}, not in the ground truth")
+      self._results.append({k: r[k] for k in ("image_id", "category_id", "bbox", "score")})
+      if r["image_id"] not in self._seen:
+        self._seen.add(r["image_id"])
+        self._image_ids.append(r["image_id"])
+
+  def evaluate(self, image_ids: Optional[Iterable] = None, *,
+               class_agnostic: bool = False) -> dict[str, float]:
     """Run COCOeval (bbox) and return the metric dict (see module docstring).
 
     Args:
       image_ids: images to evaluate; default: every image passed to ``add*``
         (or, when none was, every image of the ground truth).
+      class_agnostic: pycocotools' ``params.useCats = 0``: a detection may
+        match ground truth of any category (localisation quality alone; not a
+        COCO metric, used to separate localisation from classification).
     """
     if image_ids is None:
       image_ids = self._image_ids or sorted(self.coco.getImgIds())
@@ -260,6 +288,8 @@ class CocoEvaluator:
       coco_dt = self.coco.loadRes(copy.deepcopy(dets))
       ev = COCOeval(self.coco, coco_dt, iouType="bbox")
       ev.params.imgIds = image_ids
+      if class_agnostic:
+        ev.params.useCats = 0
       ev.evaluate()
       ev.accumulate()
       ev.summarize()

@@ -16,7 +16,8 @@ resize to ``eval.input_size`` or ``dataset.input_size``, score threshold
 ``eval.max_detections`` 100 per image), scored by pycocotools.
 
 Writes ``DIR/eval/<split>_metrics.json`` (AP, AP50, AP75, APs, APm, APl, the
-AR values, the step, the dataset and input size) and
+AR values, class-agnostic AP and AP50 — ``AP_agnostic``, ``AP50_agnostic``,
+localisation alone — the step, the dataset and input size) and
 ``DIR/eval/<split>_results.json`` (COCO results format), and prints the
 metrics. ``--out_dir`` writes elsewhere (e.g. when evaluating on another
 dataset with the same split name).
@@ -82,7 +83,7 @@ def evaluate_workdir(workdir: str, config=None, *, step=None, use_ema=None, out_
 
 def format_metrics(m: dict) -> str:
   """One line: ``AP 0.4310  AP50 ...`` plus the image count."""
-  names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+  names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AP50_agnostic")
   body = "  ".join(f"{k} {m[k]:.4f}" for k in names if k in m)
   return f"step {m.get('step', '?')}: {body}  ({int(m.get('num_images', 0))} images)"
 

@@ -14,8 +14,10 @@ and reads the final COCO metrics of the val split. The inference time of each
 fusion is measured on this machine with random weights at the evaluation size,
 batch 1, timed interleaved with the ``none`` baseline (ratio of medians; the
 shared CPU's clock drifts). Writes ``results.csv`` (one row per run) and
-``results.md`` (mean ± std over seeds of AP, AP50, AP75, APs, APm, APl, and the
-relative inference time, with the command and the wall time).
+``results.md`` (mean ± std over seeds of AP, AP50, AP75, APs, APm, APl, the
+class-agnostic AP and AP50 — the same detections with every category merged,
+i.e. localisation alone — and the relative inference time, with the command
+and the wall time).
 
 On this machine one ``configs/default.py`` run takes about 19 minutes, so the
 default 4 fusions × 2 seeds take about 2.5 hours.
@@ -43,7 +45,7 @@ from asff_jax import train  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax.data.loader import eval_input_size  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax.models import create_model, random_variables  # noqa: E402  pylint: disable=wrong-import-position
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AP_agnostic", "AP50_agnostic")
 
 
 def run_config(base_path: str, fusion: str, seed: int, steps=None):
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
         m = final_metrics(workdir, steps)
       if m is None:
         raise RuntimeError(f"{workdir}: no final evaluation after training")
-      rows.append({"fusion": fusion, "seed": seed, "steps": steps, **{k: float(m[k]) for k in METRICS}})
+      rows.append({"fusion": fusion, "seed": seed, "steps": steps,
+                   **{k: float(m.get(k, float("nan"))) for k in METRICS}})
       print(f"{fusion} seed {seed}: " + "  ".join(f"{k} {m[k]:.3f}" for k in METRICS), flush=True)
   rel = relative_times(args.config, fusions, args.time_repeats)
   write_outputs(args.out, rows, rel, command, time.time() - t0)

@@ -297,3 +297,28 @@ def test_end_to_end_with_nms_fixed():
   assert list(np.asarray(out["num_valid"])) == [3, 2]
   m = evaluate_fixed_outputs(gt, out, [1, 2], input_hw=416)
   assert m["AP"] == pytest.approx(1.0) and m["AR100"] == pytest.approx(1.0)
+
+
+def test_class_agnostic_ignores_wrong_labels_and_results_json_round_trip(tmp_path):
+  # Perfect boxes, every label shifted to another category: class-aware AP 0,
+  # class-agnostic (pycocotools useCats=0) AP 1; reading the written results
+  # json back gives the same numbers, and a broken json is refused by name.
+  ev = CocoEvaluator(make_gt(IMAGES, GT_ANNS))
+  for im, w, h in IMAGES:
+    anns = [a for a in GT_ANNS if a[0] == im]
+    wrong = [(ev.class_ids.index(a[1]) + 1) % 3 for a in anns]
+    ev.add(im, [xywh_to_xyxy(a[2]) for a in anns], np.linspace(0.9, 0.5, len(anns)), wrong,
+           input_hw=(h, w))
+  aware, agnostic = ev.evaluate(), ev.evaluate(class_agnostic=True)
+  assert aware["AP50"] == pytest.approx(0.0) and aware["AP"] == pytest.approx(0.0)
+  for k in ("AP", "AP50", "AP75", "AR100"):
+    assert agnostic[k] == pytest.approx(1.0), (k, agnostic)
+  path = ev.write_results(tmp_path / "res.json")
+  again = CocoEvaluator(make_gt(IMAGES, GT_ANNS))
+  again.add_results_json(path)
+  assert again.evaluate() == aware
+  assert again.evaluate(class_agnostic=True) == agnostic
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps([{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}]))
+  with pytest.raises(ValueError, match="bad.json.*image 99"):
+    CocoEvaluator(make_gt(IMAGES, GT_ANNS)).add_results_json(bad)

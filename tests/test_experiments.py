@@ -57,7 +57,7 @@ def test_fusion_ablation_script(tmp_path):
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [(r["fusion"], r["seed"]) for r in rows] == [("none", "0"), ("asff", "0")]
-  assert all(0.0 <= float(r["AP50"]) <= 1.0 for r in rows)
+  assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in ("AP50", "AP50_agnostic"))
   md = (out / "results.md").read_text()
   assert "| none | 1 |" in md and "| asff | 1 |" in md
   # a finished run is not trained again

@@ -169,7 +169,9 @@ def evaluate_variables(config, variables, *, model=None, source=None, size=None,
 
   Returns:
     ``{'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', ...,
-    'num_images', 'images_per_s'}``.
+    'num_images', 'images_per_s', 'AP_agnostic', 'AP50_agnostic'}``; the last
+    two score the same detections class-agnostically (pycocotools
+    ``useCats=0``: any category's box can be matched), i.e. localisation only.
   """
   from asff_jax import inference  # pylint: disable=import-outside-toplevel
   from asff_jax.coco_eval import CocoEvaluator  # pylint: disable=import-outside-toplevel
@@ -194,6 +196,9 @@ def evaluate_variables(config, variables, *, model=None, source=None, size=None,
                                   process_count=1)
   metrics = inference.run_coco_eval(predict, variables, batches, evaluator, input_size=size,
                                     log=log)
+  # Localisation alone (pycocotools useCats=0): separates box quality from classification.
+  agnostic = evaluator.evaluate(image_ids=evaluator.image_ids, class_agnostic=True)
+  metrics.update(AP_agnostic=agnostic["AP"], AP50_agnostic=agnostic["AP50"])
   if out_dir is not None and jax.process_index() == 0:
     split = source.split
     os.makedirs(out_dir, exist_ok=True)
