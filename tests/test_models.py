@@ -341,3 +341,54 @@ def test_model_dcn_formulation_option_same_outputs():
   c.model.dcn_formulation = "taps"
   with pytest.raises(ValueError, match="dcn_formulation"):
     create_model(c)
+
+
+def test_model_class_head_shared_equals_per_slot_with_tied_weights():
+  """``model.class_head='shared'``: one class conv per level whose logits fill every slot.
+
+  A per-slot model whose four class blocks carry the same weights is the same
+  function: building the shared model's ``conv`` / ``conv_cls`` from it gives
+  identical ``raw`` outputs (official channel layout kept).
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from asff_jax.models import create_model, default_model_config, random_variables  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict({"model": default_model_config()})
+  c.model.width, c.model.stage_blocks, c.model.num_classes = 0.125, (1, 1, 1, 1, 1), 3
+  c.model.obj_bias_prior = 0.01
+  m0 = create_model(c)
+  c.model.class_head = "shared"
+  m1 = create_model(c)
+  v0 = jax.tree.map(np.array, random_variables(m0, (64, 64)))
+  v1 = jax.tree.map(np.array, random_variables(m1, (64, 64)))
+  nc = 3
+  bias = np.asarray(m1.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]["head_0"]["conv"]["bias"])
+  np.testing.assert_allclose(bias[np.arange(4) * 5 + 4], np.log(0.01 / 0.99), rtol=1e-6)
+  for l in range(3):
+    h0, h1 = v0["params"][f"head_{l}"], v1["params"][f"head_{l}"]
+    assert h1["conv"]["kernel"].shape[-1] == 4 * 5 and h1["conv_cls"]["kernel"].shape[-1] == nc
+    k0 = h0["conv"]["kernel"].reshape(*h0["conv"]["kernel"].shape[:3], 4, 5 + nc)
+    b0 = h0["conv"]["bias"].reshape(4, 5 + nc)
+    rng = np.random.default_rng(l)
+    k0[..., 5:] = rng.standard_normal(k0[..., 0, 5:].shape)[..., None, :] * 0.1  # tie the slots
+    b0[:, 5:] = rng.standard_normal(nc) * 0.1
+    h0["conv"]["kernel"], h0["conv"]["bias"] = k0.reshape(*k0.shape[:3], -1), b0.reshape(-1)
+    h1["conv"] = {"kernel": k0[..., :5].reshape(*k0.shape[:3], -1), "bias": b0[:, :5].reshape(-1)}
+    h1["conv_cls"] = {"kernel": k0[..., 0, 5:], "bias": b0[0, 5:]}
+    for k in h0:
+      if k != "conv":
+        h1[k] = h0[k]
+  for k in v0["params"]:
+    if not k.startswith("head_"):
+      v1["params"][k] = v0["params"][k]
+  v1["batch_stats"] = v0["batch_stats"]
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+  o0, o1 = m0.apply(v0, x), m1.apply(v1, x)
+  for l in range(3):
+    r0, r1 = np.asarray(o0["levels"][l]["raw"]), np.asarray(o1["levels"][l]["raw"])
+    np.testing.assert_allclose(r1, r0, rtol=1e-5, atol=1e-5)
+    cls = r1.reshape(*r1.shape[:3], 4, 5 + nc)[..., 5:]
+    np.testing.assert_array_equal(cls, np.broadcast_to(cls[..., :1, :], cls.shape))
+  c.model.class_head = "per_class"
+  with pytest.raises(ValueError, match="class_head"):
+    create_model(c)

@@ -9,6 +9,7 @@ from asff_jax.models.config import (ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES, YOL
                                     default_model_config, resolve_anchors)
 from asff_jax.models.detector import YOLOv3
 from asff_jax.models.dcn import FORMULATIONS
+from asff_jax.models.head import CLASS_HEADS
 from asff_jax.models.fusion import FUSIONS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -35,6 +36,8 @@ def create_model(config) -> YOLOv3:
   if m.get("dcn_formulation", "corners") not in FORMULATIONS:
     raise ValueError(f"model.dcn_formulation must be one of {FORMULATIONS}, "
                      f"got {m.dcn_formulation!r}")
+  if m.get("class_head", "per_slot") not in CLASS_HEADS:
+    raise ValueError(f"model.class_head must be one of {CLASS_HEADS}, got {m.class_head!r}")
   if m.dtype not in _DTYPES:
     raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, got {m.dtype!r}")
   compress_c = m.get("compress_c", None)
@@ -51,6 +54,7 @@ def create_model(config) -> YOLOv3:
       dtype=_DTYPES[m.dtype],
       obj_bias_prior=m.get("obj_bias_prior", None),
       dcn_formulation=str(m.get("dcn_formulation", "corners")),
+      class_head=str(m.get("class_head", "per_slot")),
   )
 
 

@@ -20,6 +20,9 @@ Keys (all overridable with ``--config.model.KEY=VALUE``):
   (default) or ``'patches'`` — same values and gradients, different speed
   (:func:`asff_jax.models.dcn.deform_conv2d`; ``'patches'`` is faster in the
   training step at small widths on CPU, ``'corners'`` at full width).
+* ``class_head``: ``'per_slot'`` (official: each of a cell's 4 slots has its
+  own class logits) or ``'shared'`` (not official: one set of class logits per
+  cell, used by every slot; :mod:`asff_jax.models.head`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.obj_bias_prior = ml_collections.config_dict.placeholder(float)
   c.dtype = "float32"
   c.dcn_formulation = "corners"
+  c.class_head = "per_slot"
   return c
 
 

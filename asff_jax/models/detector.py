@@ -64,6 +64,7 @@ class YOLOv3(nn.Module):
   dtype: Any = jnp.float32
   obj_bias_prior: Optional[float] = None  # see models.head.objectness_bias_init (not official)
   dcn_formulation: str = "corners"  # see models.dcn.deform_conv2d (same values)
+  class_head: str = "per_slot"  # see models.head (``'shared'`` is not official)
 
   @nn.compact
   def __call__(self, images, train: bool = False, dropblock=None):
@@ -79,7 +80,7 @@ class YOLOv3(nn.Module):
       fused = LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype,
                           name=f"fusion_{l}")(neck, train)
       head = GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, self.obj_bias_prior,
-                              self.dcn_formulation, name=f"head_{l}")(fused["out"])
+                              self.dcn_formulation, self.class_head, name=f"head_{l}")(fused["out"])
       head["head_input"] = fused["out"]
       if "weights" in fused:
         head["fusion_weights"] = fused["weights"]

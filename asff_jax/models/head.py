@@ -12,6 +12,11 @@ mask order), slot 3 is anchor-free with base size 4·stride. Layers:
    groups, bias), no activation.
 3. ``conv``: 1×1 conv (bias) C → 4·(5 + num_classes); channel
    (5 + num_classes)·slot + c with c: tx, ty, tw, th, objectness, classes.
+   With ``class_head='shared'`` (not official) ``conv`` gives only the 4·5
+   box/objectness channels and ``conv_cls`` (1×1, bias) C → num_classes one
+   set of class logits per cell, copied into every slot's class channels — so
+   ``raw`` keeps the official layout, but the four slots (which see the same
+   adapted feature) train one classifier instead of four.
 
 Decoding (:func:`decode_level`, eval mode): cx = (σ(tx) + x)·stride,
 cy = (σ(ty) + y)·stride, w = exp(tw)·pw, h = exp(th)·ph, objectness and class
@@ -32,6 +37,7 @@ from asff_jax.models.layers import RFBBlock, conv_init
 
 NUM_SLOTS = 4
 DEFORM_GROUPS = 4
+CLASS_HEADS = ("per_slot", "shared")
 
 
 class FeatureAdaption(nn.Module):
@@ -95,6 +101,8 @@ class GuidedAnchorHead(nn.Module):
     obj_bias_prior: None (official zero bias) or the initial objectness π
       (:func:`objectness_bias_init`).
     dcn_formulation: ``'corners'`` or ``'patches'`` (:func:`~asff_jax.models.dcn.deform_conv2d`).
+    class_head: ``'per_slot'`` (official: class logits per slot) or
+      ``'shared'`` (one set per cell used by all slots; see the module docstring).
 
   Call with ``(B, H, W, C_in)``; returns a dict with ``'raw'``
   ``(B, H, W, 4·(5 + C))``, ``'guide_wh'`` ``(B, H, W, 8)``, ``'offset'``,
@@ -106,18 +114,31 @@ class GuidedAnchorHead(nn.Module):
   dtype: Any = jnp.float32
   obj_bias_prior: Optional[float] = None
   dcn_formulation: str = "corners"
+  class_head: str = "per_slot"
 
   @nn.compact
   def __call__(self, x):
+    if self.class_head not in CLASS_HEADS:
+      raise ValueError(f"model.class_head must be one of {CLASS_HEADS}, got {self.class_head!r}")
     guide_wh = nn.Conv(2 * NUM_SLOTS, (1, 1), use_bias=True, dtype=self.dtype,
                        param_dtype=jnp.float32, kernel_init=conv_init, name="guide_wh")(x)
     guide_wh = guide_wh.astype(jnp.float32)
     out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, dcn_formulation=self.dcn_formulation,
                           name="feature_adaption")(x, guide_wh)
-    raw = nn.Conv(NUM_SLOTS * (5 + self.num_classes), (1, 1), use_bias=True, dtype=self.dtype,
+    shared = self.class_head == "shared"
+    per_slot = 5 + (0 if shared else self.num_classes)
+    raw = nn.Conv(NUM_SLOTS * per_slot, (1, 1), use_bias=True, dtype=self.dtype,
                   param_dtype=jnp.float32, kernel_init=conv_init, name="conv",
-                  bias_init=objectness_bias_init(self.num_classes, self.obj_bias_prior))(
+                  bias_init=objectness_bias_init(per_slot - 5, self.obj_bias_prior))(
                       out["adapted"])
+    if shared:
+      cls = nn.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype,
+                    param_dtype=jnp.float32, kernel_init=conv_init, name="conv_cls")(out["adapted"])
+      lead = raw.shape[:-1]
+      raw = jnp.concatenate([
+          raw.reshape(*lead, NUM_SLOTS, 5),
+          jnp.broadcast_to(cls[..., None, :], (*lead, NUM_SLOTS, self.num_classes))], axis=-1)
+      raw = raw.reshape(*lead, NUM_SLOTS * (5 + self.num_classes))
     out["raw"] = raw.astype(jnp.float32)
     out["guide_wh"] = guide_wh
     return out
