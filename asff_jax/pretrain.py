@@ -13,7 +13,8 @@ classification start from the training split itself, with no extra data:
    shift, resized to ``crop_size`` (bilinear) — objects at several scales in
    the frame, as the detector sees them;
 2. a classifier: the detector's own backbone (:class:`Darknet53` at the
-   config's width and depth) → global average pools of C3, C4, C5,
+   config's width and depth) → average pools of C3, C4, C5 (over the whole
+   map, or with ``pool='center'`` over the central cells only),
    concatenated → one dense layer to ``num_classes``; softmax cross-entropy,
    BatchNorm in training mode, AdamW (``lr``, cosine to 0), ``steps`` steps of
    ``batch_size`` crops, ImageNet normalisation as in detection;
@@ -25,7 +26,7 @@ classification start from the training split itself, with no extra data:
 
 Config (``config.pretrain``; defaults in :data:`DEFAULTS`): ``steps``,
 ``batch_size``, ``lr``, ``weight_decay``, ``crop_size``, ``crops_images``,
-``context_min``, ``context_max``, ``seed``, ``val_crops``.
+``context_min``, ``context_max``, ``seed``, ``val_crops``, ``pool``.
 
 This is not part of the official implementation; it is a substitute for its
 pretrained backbone when none is available (``configs/default.py``).
@@ -51,7 +52,16 @@ import numpy as np
 import optax
 
 DEFAULTS = dict(steps=0, batch_size=64, lr=2e-3, weight_decay=5e-4, crop_size=64, crops_images=3000,
-                context_min=1.1, context_max=2.5, seed=0, val_crops=500)
+                context_min=1.1, context_max=2.5, seed=0, val_crops=500, pool="global")
+POOLS = ("global", "center")
+
+
+def center_pool(f):
+  """Mean of the central cell(s) of ``(B, h, w, C)``: the middle one for odd ``h``/``w``, the middle
+  two for even — the cells a detector's target assignment would pick for the crop's object. ``(B, C)``."""
+  h, w = f.shape[1], f.shape[2]
+  r0, c0 = (h - 1) // 2, (w - 1) // 2
+  return jnp.mean(f[:, r0:h // 2 + 1, c0:w // 2 + 1], axis=(1, 2))
 BACKBONE = "backbone"
 
 
@@ -108,19 +118,27 @@ def extract_crops(source, *, crop_size: int, num_images: int, context_min: float
 
 
 class CropClassifier(nn.Module):
-  """Backbone → GAP(C3) ⊕ GAP(C4) ⊕ GAP(C5) → dense ``num_classes`` logits. Input ``(B, S, S, 3)`` normalised."""
+  """Backbone → pool(C3) ⊕ pool(C4) ⊕ pool(C5) → dense ``num_classes`` logits. Input ``(B, S, S, 3)`` normalised.
+
+  ``pool``: ``'global'`` (average over all cells) or ``'center'`` (:func:`center_pool`: only the
+  central cells, so the class has to be readable where a detector reads it).
+  """
 
   width: float
   stage_blocks: tuple
   num_classes: int
   dtype: Any = jnp.float32
+  pool: str = "global"
 
   @nn.compact
   def __call__(self, x, train: bool):
     from asff_jax.models.darknet import Darknet53  # pylint: disable=import-outside-toplevel
 
     feats = Darknet53(self.width, tuple(self.stage_blocks), self.dtype, name=BACKBONE)(x, train)
-    pooled = jnp.concatenate([jnp.mean(f.astype(jnp.float32), axis=(1, 2)) for f in feats], -1)
+    if self.pool not in POOLS:
+      raise ValueError(f"pretrain.pool must be one of {POOLS}, got {self.pool!r}")
+    pool = center_pool if self.pool == "center" else lambda f: jnp.mean(f, axis=(1, 2))
+    pooled = jnp.concatenate([pool(f.astype(jnp.float32)) for f in feats], -1)
     return nn.Dense(self.num_classes, name="classifier")(pooled)
 
 
@@ -150,7 +168,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, *, source=None,
 
   mc = config.model
   model = CropClassifier(float(mc.width), tuple(mc.stage_blocks), int(mc.num_classes),
-                         dtype=jnp.dtype(mc.get("dtype", "float32")))
+                         dtype=jnp.dtype(mc.get("dtype", "float32")), pool=str(s["pool"]))
   size = int(s["crop_size"])
   variables = model.init(jax.random.key(int(s["seed"])), jnp.zeros((1, size, size, 3)), train=False)
   steps, bs = int(s["steps"]), int(s["batch_size"])

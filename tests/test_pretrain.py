@@ -120,3 +120,23 @@ def test_training_starts_from_the_backbone_file(tmp_path, monkeypatch):
   variables, _ = checkpoints.load_variables(str(tmp_path / "run2"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0),
                variables["params"]["backbone"], bb["params"])
+
+
+def test_center_pool_takes_the_middle_cells():
+  f = np.arange(2 * 5 * 4 * 1, dtype=np.float32).reshape(2, 5, 4, 1)
+  out = np.asarray(pretrain.center_pool(f))
+  # odd height 5 -> row 2; even width 4 -> columns 1, 2
+  np.testing.assert_allclose(out, f[:, 2:3, 1:3].mean(axis=(1, 2)))
+  one = np.ones((1, 1, 1, 3), np.float32) * 7
+  np.testing.assert_allclose(np.asarray(pretrain.center_pool(one)), [[7, 7, 7]])
+
+
+def test_center_pooled_pretraining_learns_and_rejects_unknown_pool():
+  config = _tiny_config()
+  config.pretrain.update(dict(steps=60, batch_size=32, crop_size=32, crops_images=60, val_crops=40,
+                              lr=3e-3, pool="center"))
+  res = pretrain.pretrain_backbone(config, source=_records(60), log=lambda s: None)
+  assert res["report"]["held_out_acc"] >= 0.9, res["report"]  # chance is 1/3
+  config.pretrain.pool = "max"
+  with pytest.raises(ValueError, match="pretrain.pool"):
+    pretrain.pretrain_backbone(config, source=_records(8), log=lambda s: None)
