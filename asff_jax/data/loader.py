@@ -243,8 +243,9 @@ def make_evaluate_fn(config, workdir: Optional[str] = None, log=logging.info):
                                  tag=int(step), log=lambda m: log("%s", m),
                                  max_images=0 if final else None)
     log("eval at step %d on %s/%s (%d images): AP %.4f  AP50 %.4f  AP75 %.4f  APs %.4f  APm %.4f  "
-        "APl %.4f", step, source.name, source.split, metrics["num_images"], metrics["AP"],
-        metrics["AP50"], metrics["AP75"], metrics["APs"], metrics["APm"], metrics["APl"])
+        "APl %.4f  (class-agnostic AP50 %.4f)", step, source.name, source.split, metrics["num_images"],
+        metrics["AP"], metrics["AP50"], metrics["AP75"], metrics["APs"], metrics["APm"], metrics["APl"],
+        metrics["AP50_agnostic"])
     if out_dir is not None and jax.process_index() == 0:
       with open(os.path.join(out_dir, "history.jsonl"), "a") as f:
         f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
