@@ -323,37 +323,10 @@ def dropblock_for_step(config, step: int) -> Optional[tuple]:
 # ----------------------------------------------------------------------------- loss
 
 
-def head_loss_adapter(variables, images, labels, *, model, config, train=True, rng=None,
-                      dropblock=None):
-  """``loss_fn`` built on :func:`asff_jax.losses.head_loss` (used until ``losses.loss_fn`` exists).
-
-  Returns ``(loss, aux)`` with ``aux`` = per-level components + ``'total'`` and
-  ``'batch_stats'`` (the updated BN statistics when ``train``).
-  """
-  from asff_jax import losses  # pylint: disable=import-outside-toplevel
-  from asff_jax.models import resolve_anchors  # pylint: disable=import-outside-toplevel
-  kwargs = {}
-  if train and dropblock is not None:
-    kwargs = {"dropblock": list(dropblock), "rngs": {"dropblock": rng}}
-  if train:
-    out, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"], **kwargs)
-    batch_stats = new_vars["batch_stats"]
-  else:
-    out = model.apply(variables, images, train=False)
-    batch_stats = variables.get("batch_stats", {})
-  total, aux = losses.head_loss(out["levels"], labels, loss_config=config.loss,
-                                num_classes=int(config.model.num_classes),
-                                input_hw=tuple(images.shape[1:3]),
-                                anchors=resolve_anchors(config.model.anchors))
-  aux = dict(aux)
-  aux["batch_stats"] = batch_stats
-  return total, aux
-
-
 def default_loss_fn() -> LossFn:
-  """``asff_jax.losses.loss_fn`` if it exists, else :func:`head_loss_adapter`."""
+  """:func:`asff_jax.losses.loss_fn` (the official loss over the model's levels)."""
   from asff_jax import losses  # pylint: disable=import-outside-toplevel
-  return getattr(losses, "loss_fn", head_loss_adapter)
+  return losses.loss_fn
 
 
 # ----------------------------------------------------------------------------- train step
