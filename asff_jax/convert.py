@@ -230,8 +230,13 @@ def variables_from_official(state_dict: Mapping[str, Any], config, *, strict: bo
   Raises:
     ValueError: in strict mode, listing every missing / unexpected key and every
       shape mismatch with both shapes (e.g. loading ``--asff --rfb`` weights
-      into an ASFF config fails on ``weight_level_*`` with 16 vs 8 channels).
+      into an ASFF config fails on ``weight_level_*`` with 16 vs 8 channels);
+      also for a config with ``model.class_head='shared'`` (not official).
   """
+  if str(model_config(config).get("class_head", "per_slot")) != "per_slot":
+    raise ValueError("official weights have per-slot class logits: convert with "
+                     "model.class_head='per_slot' (got "
+                     f"{model_config(config).class_head!r})")
   sd = strip_state_dict(state_dict)
   layout = expected_layout(config)
   by_name = {leaf.official: leaf for leaf in layout}

@@ -168,3 +168,10 @@ def test_cli_reads_pth_and_writes_orbax(tmp_path):
   res = subprocess.run([sys.executable, "-m", "asff_jax.convert", f"--pth={bad}", f"--config={cfg_file}",
                         f"--out={out_dir}2"], capture_output=True, text=True, cwd=REPO)
   assert res.returncode != 0 and "bad.pth: cannot read" in res.stderr
+
+
+def test_shared_class_head_config_is_refused():
+  cfg = default_model_config()
+  cfg.class_head = "shared"
+  with pytest.raises(ValueError, match="class_head='per_slot'"):
+    variables_from_official({}, cfg)
