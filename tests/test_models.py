@@ -392,3 +392,26 @@ def test_model_class_head_shared_equals_per_slot_with_tied_weights():
   c.model.class_head = "per_class"
   with pytest.raises(ValueError, match="class_head"):
     create_model(c)
+
+
+def test_model_class_head_fused_bypasses_the_dcn():
+  """``model.class_head='fused'``: class logits do not depend on the DCN kernel; boxes do."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from asff_jax.models import create_model, default_model_config, random_variables  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict({"model": default_model_config()})
+  c.model.width, c.model.stage_blocks, c.model.num_classes = 0.125, (1, 1, 1, 1, 1), 3
+  c.model.class_head = "fused"
+  m = create_model(c)
+  v = jax.tree.map(np.array, random_variables(m, (64, 64)))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
+  o0 = m.apply(v, x)
+  for l in range(3):
+    k = v["params"][f"head_{l}"]["feature_adaption"]["dconv"]["kernel"]
+    v["params"][f"head_{l}"]["feature_adaption"]["dconv"]["kernel"] = k + 0.5
+  o1 = m.apply(v, x)
+  for l in range(3):
+    r0 = np.asarray(o0["levels"][l]["raw"]).reshape(2, *o0["levels"][l]["raw"].shape[1:3], 4, 8)
+    r1 = np.asarray(o1["levels"][l]["raw"]).reshape(r0.shape)
+    np.testing.assert_array_equal(r1[..., 5:], r0[..., 5:])
+    assert np.abs(r1[..., :5] - r0[..., :5]).max() > 1e-3

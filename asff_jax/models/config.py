@@ -21,8 +21,9 @@ Keys (all overridable with ``--config.model.KEY=VALUE``):
   (:func:`asff_jax.models.dcn.deform_conv2d`; ``'patches'`` is faster in the
   training step at small widths on CPU, ``'corners'`` at full width).
 * ``class_head``: ``'per_slot'`` (official: each of a cell's 4 slots has its
-  own class logits) or ``'shared'`` (not official: one set of class logits per
-  cell, used by every slot; :mod:`asff_jax.models.head`).
+  own class logits), ``'shared'`` (not official: one set of class logits per
+  cell, used by every slot) or ``'fused'`` (not official: as ``'shared'`` but
+  computed from the fusion output, bypassing the DCN; :mod:`asff_jax.models.head`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,11 @@ mask order), slot 3 is anchor-free with base size 4·stride. Layers:
    box/objectness channels and ``conv_cls`` (1×1, bias) C → num_classes one
    set of class logits per cell, copied into every slot's class channels — so
    ``raw`` keeps the official layout, but the four slots (which see the same
-   adapted feature) train one classifier instead of four.
+   adapted feature) train one classifier instead of four. ``class_head='fused'``
+   (not official) is the same but ``conv_cls`` reads the head input (the
+   fusion output) instead of the DCN-adapted feature, so the class bypasses the
+   deformable adaption (``experiments/class_path_probe.py`` measures how much
+   that layer slows class learning from scratch).
 
 Decoding (:func:`decode_level`, eval mode): cx = (σ(tx) + x)·stride,
 cy = (σ(ty) + y)·stride, w = exp(tw)·pw, h = exp(th)·ph, objectness and class
@@ -37,7 +41,7 @@ from asff_jax.models.layers import RFBBlock, conv_init
 
 NUM_SLOTS = 4
 DEFORM_GROUPS = 4
-CLASS_HEADS = ("per_slot", "shared")
+CLASS_HEADS = ("per_slot", "shared", "fused")
 
 
 class FeatureAdaption(nn.Module):
@@ -102,7 +106,8 @@ class GuidedAnchorHead(nn.Module):
       (:func:`objectness_bias_init`).
     dcn_formulation: ``'corners'`` or ``'patches'`` (:func:`~asff_jax.models.dcn.deform_conv2d`).
     class_head: ``'per_slot'`` (official: class logits per slot) or
-      ``'shared'`` (one set per cell used by all slots; see the module docstring).
+      ``'shared'`` (one set per cell used by all slots) or ``'fused'`` (as
+      ``'shared'``, read from the head input, bypassing the DCN); see the module docstring.
 
   Call with ``(B, H, W, C_in)``; returns a dict with ``'raw'``
   ``(B, H, W, 4·(5 + C))``, ``'guide_wh'`` ``(B, H, W, 8)``, ``'offset'``,
@@ -125,7 +130,7 @@ class GuidedAnchorHead(nn.Module):
     guide_wh = guide_wh.astype(jnp.float32)
     out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, dcn_formulation=self.dcn_formulation,
                           name="feature_adaption")(x, guide_wh)
-    shared = self.class_head == "shared"
+    shared = self.class_head in ("shared", "fused")
     per_slot = 5 + (0 if shared else self.num_classes)
     raw = nn.Conv(NUM_SLOTS * per_slot, (1, 1), use_bias=True, dtype=self.dtype,
                   param_dtype=jnp.float32, kernel_init=conv_init, name="conv",
@@ -133,7 +138,8 @@ class GuidedAnchorHead(nn.Module):
                       out["adapted"])
     if shared:
       cls = nn.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype,
-                    param_dtype=jnp.float32, kernel_init=conv_init, name="conv_cls")(out["adapted"])
+                    param_dtype=jnp.float32, kernel_init=conv_init, name="conv_cls")(
+                        x if self.class_head == "fused" else out["adapted"])
       lead = raw.shape[:-1]
       raw = jnp.concatenate([
           raw.reshape(*lead, NUM_SLOTS, 5),
