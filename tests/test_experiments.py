@@ -66,6 +66,7 @@ def test_fusion_ablation_script(tmp_path):
   assert os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json") == mtime
 
 
+@pytest.mark.slow  # ~40 s: kept out of CI like the other experiment scripts (pytest -m slow)
 def test_class_path_probe_learns_easy_classes_and_validates():
   cpp = _script("class_path_probe")
   from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
