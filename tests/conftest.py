@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
-import pytest
+# Compile-time savings for the whole session, set before JAX creates its backend so that they
+# also reach every subprocess the tests start (CLI runs, distributed workers):
+# * one persistent compilation cache per session: the many tests that build the same tiny
+#   model, and the CLI subprocesses that compile the same train step, compile it once;
+# * XLA's cheapest CPU codegen (LLVM -O0): the tests' programs are tiny, so compile time
+#   dominates; HLO-level rewrites (and so the numerics the parity tests check) are unchanged.
+# A caller's own settings of these variables win.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="asff_jax_tests_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import pytest  # noqa: E402  pylint: disable=wrong-import-position
 
 # Random variables of the right structure without compiling ``init`` (re-exported for tests).
-from asff_jax.models import random_variables  # noqa: F401  pylint: disable=unused-import
+from asff_jax.models import random_variables  # noqa: F401,E402  pylint: disable=unused-import
 
 # ../shared/parity relative to the repository root (CI clones the repo beside shared/).
 PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
