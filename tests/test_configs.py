@@ -1,0 +1,41 @@
+"""Every shipped config file loads, builds its model and traces at its input size (no compilation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from asff_jax.models import create_model
+from asff_jax.train import load_config_file
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+def test_all_config_files_are_covered():
+  names = {p.stem for p in CONFIGS}
+  assert {"default", "digits_long", "tiny", "coco_baseline_608", "coco_asff_608", "coco_asff_star_608",
+          "coco_asff_star_800"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_and_traces(path):
+  c = load_config_file(path)
+  for key in ("seed", "batch_size", "log_every_steps", "checkpoint_every_steps", "eval_every_steps",
+              "dataset", "model", "loss", "optimizer", "schedule"):
+    assert key in c, (path.name, key)
+  model = create_model(c)
+  assert len(model.anchors) == 9 and all(w > 0 and h > 0 for w, h in model.anchors)
+  if path.stem.startswith("coco_"):
+    assert c.model.num_classes == 80 and c.paper_ap > 0  # each recipe documents the paper's AP
+  elif path.stem in ("default", "digits_long"):
+    assert c.model.num_classes == 10 and c.dataset.source == "digits"
+  s = int(c.dataset.input_size)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
+  assert "params" in shapes and "batch_stats" in shapes
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes, jnp.zeros((1, s, s, 3)))
+  # (B, sum over the three levels of H*W*4 slots, 5 + C) in input pixels, from strides 32, 16, 8.
+  n = sum((s // st) * (s // st) * 4 for st in (32, 16, 8))
+  assert out["pred"].shape == (1, n, 5 + c.model.num_classes)
