@@ -17,7 +17,12 @@ IoU loss and label smoothing) is the official one; only its width and depth
 shrink.
 
 * model: width 1/4, stage blocks (1, 1, 2, 2, 1) instead of (1, 2, 8, 8, 4),
-  10 classes, the official anchors scaled by 1/2 (input 256 instead of 608);
+  10 classes, the official anchors scaled by 1.5 although the input is 256
+  instead of 608: larger anchors assign each digit to a finer level (77 % of
+  the training digits to stride 8, 23 % to stride 16, none to stride 32;
+  with anchors scaled to the input, 1/2, it is 36 / 37 / 27 %), and the class
+  is learned much faster there (AP50 after the 1,000 steps: 0.073 with 1/2,
+  0.162 with 1, 0.189 with 1.5; ``experiments/default_config.md``);
 * input: fixed 256 px (no random shape: every size would cost its own
   compilation; 320 px trained at 10 img/s, 256 px at 16 img/s on this
   machine), no mixup, no horizontal flip (a mirrored digit is not a digit),
@@ -64,7 +69,7 @@ def get_config():
   c.model.width = 0.25
   c.model.stage_blocks = (1, 1, 2, 2, 1)
   with c.model.ignore_type():
-    c.model.anchors = tuple((0.5 * w, 0.5 * h) for w, h in OFFICIAL_ANCHORS)
+    c.model.anchors = tuple((1.5 * w, 1.5 * h) for w, h in OFFICIAL_ANCHORS)
 
   c.optimizer.name = "adamw"
   c.optimizer.lr = 2e-3
