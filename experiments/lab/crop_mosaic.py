@@ -15,7 +15,7 @@ from PIL import Image
 from absl import logging
 from asff_jax import train
 from asff_jax.data import loader
-from asff_jax.data.transforms import _norm_tables
+from asff_jax.data.transforms import normalize_jax
 
 workdir, steps, p_mosaic = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 grids = tuple(int(g) for g in sys.argv[4].split(",")) if len(sys.argv) > 4 else (2, 4, 8)
@@ -29,7 +29,6 @@ for kv in extra:
   for p in path: node = node[p]
   node[last] = type(node[last])(v) if not isinstance(node[last], bool) else v == "True"
 S = int(cfg.dataset.input_size); MB = int(cfg.dataset.max_boxes)
-_, _, nscale, nbias = _norm_tables()
 
 T = 128  # crop side; digit fills 1/1.3 .. 1/2.0 of it
 src = loader.train_source(cfg)
@@ -69,7 +68,7 @@ def mosaic(rng):
   keep = np.min(wh, -1) > 6
   rows = np.concatenate([classes[idx][:, None], bx[:, :2] + wh / 2, wh, np.ones((len(idx), 1))], -1)[keep][:MB]
   lab = np.zeros((MB, 6), np.float32); lab[:len(rows)] = rows
-  return img * nscale - nbias, lab
+  return np.asarray(normalize_jax(img)), lab
 
 def it_fn(config, start):
   base = train.make_train_iterator(config, start)
