@@ -11,7 +11,8 @@ import pytest
 from asff_jax.models import create_model
 from asff_jax.train import load_config_file
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
 
 
 def test_all_config_files_are_covered():
@@ -39,3 +40,12 @@ def test_config_builds_and_traces(path):
   # (B, sum over the three levels of H*W*4 slots, 5 + C) in input pixels, from strides 32, 16, 8.
   n = sum((s // st) * (s // st) * 4 for st in (32, 16, 8))
   assert out["pred"].shape == (1, n, 5 + c.model.num_classes)
+
+
+def test_digits_long_trains_on_more_images_than_default():
+  """digits_long is the default recipe with a longer budget: same model and input, more images."""
+  base = load_config_file(CONFIG_DIR / "default.py")
+  long = load_config_file(CONFIG_DIR / "digits_long.py")
+  assert long.model.to_dict() == base.model.to_dict()
+  assert long.dataset.input_size == base.dataset.input_size
+  assert long.num_train_steps * long.batch_size > 2 * base.num_train_steps * base.batch_size
