@@ -19,7 +19,7 @@ class-agnostic AP and AP50 — the same detections with every category merged,
 i.e. localisation alone — and the relative inference time, with the command
 and the wall time).
 
-On this machine one ``configs/default.py`` run takes about 19 minutes, so the
+On this machine one ``configs/default.py`` run takes about 18 minutes, so the
 default 4 fusions × 2 seeds take about 2.5 hours; the checked-in results
 (``experiments/fusion_ablation/``, ``experiments/README.md``) used ``--steps 500``
 and took 1.5 hours.
