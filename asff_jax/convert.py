@@ -282,7 +282,9 @@ def variables_to_official(variables, config) -> dict[str, np.ndarray]:
   """Inverse of :func:`variables_from_official`: Flax variables → official-format state dict.
 
   Useful to hand weights trained here to the official PyTorch code, and for
-  round-trip tests. ``num_batches_tracked`` is not produced.
+  round-trip tests. ``num_batches_tracked`` is not produced. The arrays are
+  writable float32 copies (not read-only views of device buffers), so
+  ``torch.from_numpy`` takes them as they are.
 
   Raises:
     KeyError: if ``variables`` lacks a variable the config's model has.
@@ -292,7 +294,7 @@ def variables_to_official(variables, config) -> dict[str, np.ndarray]:
     node = variables[leaf.collection]
     for k in (*leaf.path, leaf.leaf):
       node = node[k]
-    arr = np.asarray(node, np.float32)
+    arr = np.array(node, np.float32)  # a copy: np.asarray of a jax.Array is read-only
     out[leaf.official] = np.ascontiguousarray(arr.transpose(3, 2, 0, 1)) if leaf.transpose else arr
   return out
 

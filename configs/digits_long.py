@@ -13,19 +13,13 @@ the full val split at the end. Measured 2026-12-01 on this machine: 63 min
 0.723) on the 500 val images; the curve is in ``experiments/default_config.md``.
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _default():
-  spec = importlib.util.spec_from_file_location("default_config", Path(__file__).with_name("default.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from asff_jax.train import load_config_file
 
 
 def get_config():
-  c = _default()
+  c = load_config_file(Path(__file__).with_name("default.py"))
   c.num_train_steps = 24000
   c.eval_every_steps = 3000
   c.checkpoint_every_steps = 3000

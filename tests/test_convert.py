@@ -124,10 +124,11 @@ def test_strip_wrappers_and_torch_tensors():
   model = create_model(cfg)
   v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   sd = variables_to_official(v, cfg)
-  wrapped = {"model": {"module." + k: torch.from_numpy(np.array(a)) for k, a in sd.items()},
+  assert all(a.flags.writeable for a in sd.values())  # torch.from_numpy needs writable arrays
+  wrapped = {"model": {"module." + k: torch.from_numpy(a) for k, a in sd.items()},
              "optimizer": {}}
   assert set(strip_state_dict(wrapped)) == set(sd)
-  sd_t = {k: torch.from_numpy(np.array(a)) for k, a in sd.items()}
+  sd_t = {k: torch.from_numpy(a) for k, a in sd.items()}
   sd_t["module_list.0.batch_norm.num_batches_tracked"] = torch.tensor(5)
   out = variables_from_official({"state_dict": sd_t}, cfg)
   np.testing.assert_array_equal(out["params"]["head_2"]["conv"]["bias"], sd["level_2_header.conv.bias"])
