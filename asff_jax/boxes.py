@@ -1,4 +1,4 @@
-"""Box utilities: conversions and IoUs. A leaf module (depends only on jax.numpy).
+"""Box utilities: conversions, IoUs, rescaling. A leaf module (depends only on numpy / jax.numpy).
 
 Conventions used throughout asff_jax:
 
@@ -15,24 +15,15 @@ jit-compatible. Broadcasting follows numpy rules on the leading dimensions.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def xywh_to_xyxy(boxes):
   """``(..., 4)`` ``[cx, cy, w, h]`` -> ``(..., 4)`` ``[x1, y1, x2, y2]``."""
   c, wh = boxes[..., :2], boxes[..., 2:4]
   return jnp.concatenate([c - wh / 2, c + wh / 2], axis=-1)
-
-
-def xyxy_to_xywh(boxes):
-  """``(..., 4)`` ``[x1, y1, x2, y2]`` -> ``(..., 4)`` ``[cx, cy, w, h]``."""
-  p1, p2 = boxes[..., :2], boxes[..., 2:4]
-  return jnp.concatenate([(p1 + p2) / 2, p2 - p1], axis=-1)
-
-
-def xyxy_to_coco(boxes):
-  """``(..., 4)`` ``[x1, y1, x2, y2]`` -> COCO ``[x, y, w, h]`` (top-left + size)."""
-  return jnp.concatenate([boxes[..., :2], boxes[..., 2:4] - boxes[..., :2]], axis=-1)
 
 
 def box_area(boxes_xyxy):
@@ -94,3 +85,23 @@ def wh_iou(a_wh, b_wh, eps: float = 0.0):
   union = a_wh[..., 0] * a_wh[..., 1] + b_wh[..., 0] * b_wh[..., 1] - inter + eps
   safe = jnp.where(union > 0, union, 1.0)
   return jnp.where(union > 0, inter / safe, 0.0)
+
+
+def rescale_boxes(boxes_xyxy, from_hw, to_hw):
+  """Maps xyxy boxes between two sizes of one image, per axis: the one "back to the original" mapping.
+
+  The official evaluation resizes every image to ``S × S`` without
+  letterboxing (spec §5), so a box in input pixels maps to original-image
+  pixels by ``x · W / S`` and ``y · H / S``; ``from_hw = (S, S)``, ``to_hw =
+  (H, W)``. Used by evaluation, prediction, the Python API and export (where
+  ``to_hw`` may be symbolic). numpy in → numpy out (float64 kept); jax in → jax out.
+
+  Args:
+    boxes_xyxy: ``(..., 4)`` ``[x1, y1, x2, y2]``.
+    from_hw, to_hw: ``(height, width)`` of the two image sizes.
+  """
+  sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+  if isinstance(boxes_xyxy, jax.Array) or isinstance(sx, jax.Array):
+    return boxes_xyxy * jnp.stack([sx, sy, sx, sy]).astype(boxes_xyxy.dtype)
+  boxes_xyxy = np.asarray(boxes_xyxy)
+  return boxes_xyxy * np.array([sx, sy, sx, sy]).astype(boxes_xyxy.dtype)

@@ -1,7 +1,7 @@
 """YOLOv3 + ASFF at 608: the official ``--asff`` model (paper Table 3: 40.6 AP on val2017; Table 4:
 40.7 on test-dev; official README 40.6).
 
-Train (official recipe, :mod:`asff_jax.recipes`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+Train (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
 
     python -m asff_jax.train --config configs/coco_asff_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR
 
@@ -10,10 +10,9 @@ Load the official weights (YOLOv3-ASFF_40.6.pth) with::
     python -m asff_jax.convert --pth WEIGHTS.pth --config configs/coco_asff_608.py --out DIR
 """
 
-from asff_jax.recipes import coco_config
+from asff_jax.config import coco_recipe
 
 
 def get_config():
-  c = coco_config(fusion="asff", rfb=False, dropblock=False, input_size=608,
-                  paper_ap=40.6)
+  c = coco_recipe(fusion="asff", rfb=False, dropblock=False, input_size=608, paper_ap=40.6)
   return c

@@ -1,7 +1,7 @@
 """ASFF* at 608: ASFF + RFB in the heads (compress_c 8), trained with the DropBlock schedule and
 320-608 random shapes (paper Table 4: 42.4 AP on test-dev; ``--asff --rfb --dropblock``).
 
-Train (official recipe, :mod:`asff_jax.recipes`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+Train (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
 
     python -m asff_jax.train --config configs/coco_asff_star_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR
 
@@ -10,10 +10,9 @@ Load the official weights (the ``--asff --rfb`` weights) with::
     python -m asff_jax.convert --pth WEIGHTS.pth --config configs/coco_asff_star_608.py --out DIR
 """
 
-from asff_jax.recipes import coco_config
+from asff_jax.config import coco_recipe
 
 
 def get_config():
-  c = coco_config(fusion="asff", rfb=True, dropblock=True, input_size=608,
-                  paper_ap=42.4)
+  c = coco_recipe(fusion="asff", rfb=True, dropblock=True, input_size=608, paper_ap=42.4)
   return c

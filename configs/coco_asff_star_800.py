@@ -2,7 +2,7 @@
 random shapes, a range its code does not have; here the sizes are 480..800 (step 32), the final and
 evaluation size 800.
 
-Train (official recipe, :mod:`asff_jax.recipes`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+Train (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
 
     python -m asff_jax.train --config configs/coco_asff_star_800.py --workdir DIR --config.dataset.data_dir=DATA_DIR
 
@@ -11,11 +11,10 @@ Load the official weights (the ``--asff --rfb`` weights) with::
     python -m asff_jax.convert --pth WEIGHTS.pth --config configs/coco_asff_star_800.py --out DIR
 """
 
-from asff_jax.recipes import coco_config
+from asff_jax.config import coco_recipe
 
 
 def get_config():
-  c = coco_config(fusion="asff", rfb=True, dropblock=True, input_size=800,
-                  paper_ap=43.9)
+  c = coco_recipe(fusion="asff", rfb=True, dropblock=True, input_size=800, paper_ap=43.9)
   c.dataset.sizes = tuple(range(480, 801, 32))
   return c

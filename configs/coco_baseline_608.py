@@ -3,7 +3,7 @@
 SPP, guided anchors with deformable feature adaption, anchor-free slot: the same backbone, neck
 and heads as ASFF, with a per-level 3x3 conv in place of fusion.
 
-Train (official recipe, :mod:`asff_jax.recipes`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+Train (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
 
     python -m asff_jax.train --config configs/coco_baseline_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR
 
@@ -12,10 +12,9 @@ Load the official weights (the baseline weights) with::
     python -m asff_jax.convert --pth WEIGHTS.pth --config configs/coco_baseline_608.py --out DIR
 """
 
-from asff_jax.recipes import coco_config
+from asff_jax.config import coco_recipe
 
 
 def get_config():
-  c = coco_config(fusion="none", rfb=False, dropblock=False, input_size=608,
-                  paper_ap=38.8)
+  c = coco_recipe(fusion="none", rfb=False, dropblock=False, input_size=608, paper_ap=38.8)
   return c

@@ -1,4 +1,4 @@
-"""Tiny smoke-test config: a 1/8-width ASFF model on 64×64 synthetic images (CPU, seconds).
+"""Tiny smoke-test config: a 1/8-width ASFF model on small synthetic images at 64 px (CPU, seconds).
 
     python -m asff_jax.train --config configs/tiny.py --workdir /tmp/asff_tiny
 
@@ -7,7 +7,7 @@ shape (burn-in → constant → cosine → floor) squeezed into a few epochs of
 2 steps, with a larger LR so that a few steps visibly move the weights.
 """
 
-from asff_jax.train import default_config
+from asff_jax.config import default_config
 
 
 def get_config():
@@ -20,13 +20,17 @@ def get_config():
   config.checkpoint_every_steps = 2
   config.keep_checkpoints = 3
   config.eval_every_steps = 0
+  config.eval_at_end = False  # smoke runs; tests on real data turn it on
   config.max_consecutive_nonfinite = 3
   config.init_rng_impl = "rbg"  # fast init compile on CPU
 
+  config.num_epochs = 3  # the schedule below is laid out over 3 epochs of 2 steps
   config.dataset.source = "synthetic"
   config.dataset.input_size = 64
   config.dataset.max_boxes = 8
-  config.dataset.num_train_examples = 8
+  config.dataset.synthetic_num_train = 8
+  config.dataset.synthetic_num_val = 4
+  config.dataset.synthetic_image_hw = (64, 80)
   config.dataset.synthetic_max_objects = 3
   # for runs on real data (e.g. --config.dataset.source=digits): one fixed size, no mixup
   config.dataset.random_resize = False

@@ -43,7 +43,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from asff_jax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax import train  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.data import loader  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax.data.loader import eval_input_size  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax.models import create_model, random_variables  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -51,7 +53,7 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AP_agnostic", "AP50_agnos
 
 
 def run_config(base_path: str, fusion: str, seed: int, steps=None):
-  c = train.load_config_file(base_path)
+  c = config_lib.load_config_file(base_path)
   c.model.fusion = fusion
   c.seed = int(seed)
   if steps:
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     for seed in seeds:
       config = run_config(args.config, fusion, seed, args.steps)
       workdir = os.path.join(args.workdir_root, f"{fusion}_s{seed}")
-      steps = int(train.resolve_config(config).num_train_steps)
+      steps = int(config_lib.resolve_config(config, **loader.dataset_info(loader.train_source(config))).num_train_steps)
       m = final_metrics(workdir, steps)
       if m is None:
         train.train_and_evaluate(config, workdir)

@@ -8,7 +8,7 @@
 Takes the first ``--num_images`` images of the run's evaluation split (a
 ``digits`` or ``coco_folder`` dataset: files under ``root/<eval_split>/``, or
 ``--images a.jpg ...``), runs checkpoint ``STEP`` (default latest) of an
-``asff`` run through :func:`asff_jax.predict.predict_files` with fusion maps
+``asff`` run through :func:`asff_jax.tools.predict.predict_files` with fusion maps
 on, and writes for each image ``<name>.png`` (detections) and
 ``<name>_fusion.png``: per fused level l (rows; strides 32, 16, 8) the image
 with its detections and the three weight maps α, β, γ — the weight level l
@@ -28,16 +28,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from asff_jax import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
-from asff_jax.evaluate import merged_config  # noqa: E402  pylint: disable=wrong-import-position
-from asff_jax.predict import predict_files  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.config import load_workdir_config  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.data.sources import DEFAULT_DIGITS_DIR  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.tools.predict import predict_files  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def eval_images(config, n: int) -> list[str]:
   """Paths of the first ``n`` images of the config's eval split (COCO-format folder or digits)."""
-  from asff_jax.data.sources import DEFAULT_DIGITS_DIR  # pylint: disable=import-outside-toplevel
-
-  root = config.dataset.get("root", None) or (DEFAULT_DIGITS_DIR if config.dataset.source == "digits" else None)
+  root = config.dataset.root or (DEFAULT_DIGITS_DIR if config.dataset.source == "digits" else None)
   if root is None:
     raise SystemExit("fusion_maps: the run's dataset has no local folder; pass --images")
   root = os.path.expanduser(str(root))
@@ -57,7 +55,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "fusion_maps"))
   args = p.parse_args(argv)
   t0 = time.time()
-  config = merged_config(checkpoints.load_config(args.workdir))
+  config = load_workdir_config(args.workdir)
   if config.model.fusion != "asff":
     raise SystemExit(f"fusion_maps: {args.workdir} has model.fusion={config.model.fusion!r}; "
                      "only ASFF learns fusion weights")

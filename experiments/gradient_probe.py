@@ -9,7 +9,7 @@
 For each fusion variant, trains ``--config`` (default: the built-in digits
 config) with ``model.fusion`` set to the variant for ``--steps`` steps (same
 seed, same data, checkpoints every ``--probe_every`` steps), then runs
-:func:`asff_jax.probes.decompose_gradients` on one fixed training batch (the
+:func:`asff_jax.tools.probes.decompose_gradients` on one fixed training batch (the
 same images and labels for every variant) at the initial weights and at every
 checkpoint. Writes to ``--out``:
 
@@ -40,14 +40,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from asff_jax import checkpoints, probes, train  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax import train  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.data import loader  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax.models import create_model  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.tools import probes  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.training import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
 
 LEVEL_NAMES = ("l0 (stride 32)", "l1 (stride 16)", "l2 (stride 8)")
 
 
 def variant_config(base_path: str, fusion: str, steps: int, probe_every: int):
-  c = train.load_config_file(base_path)
+  c = config_lib.load_config_file(base_path)
   c.model.fusion = fusion
   c.num_train_steps = steps
   c.checkpoint_every_steps = probe_every
@@ -55,14 +59,14 @@ def variant_config(base_path: str, fusion: str, steps: int, probe_every: int):
   c.eval_every_steps = 0
   c.eval_at_end = False
   c.log_every_steps = max(probe_every // 2, 1)
-  return train.resolve_config(c)
+  return config_lib.resolve_config(c, **loader.dataset_info(loader.train_source(c)))
 
 
 def probe_batch(config, size: int):
   """The fixed probe batch: the first ``size`` images of the training stream at step 0."""
   c = config.copy_and_resolve_references()
   c.batch_size = size
-  batch = next(iter(train.make_train_iterator(c, 0)))
+  batch = next(iter(loader.make_train_iterator(c, 0)))
   return np.asarray(batch["images"]), np.asarray(batch["labels"])
 
 

@@ -38,7 +38,7 @@ def parity_file(name: str) -> Path:
 
 def tiny_config():
   """``configs/tiny.py``'s config."""
-  from asff_jax.train import load_config_file  # pylint: disable=import-outside-toplevel
+  from asff_jax.config import load_config_file  # pylint: disable=import-outside-toplevel
 
   return load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
@@ -50,12 +50,12 @@ def write_tiny_digits_config(tmp_path, *, num_train: int, num_val: int, **settin
   are extra ``dotted.key=value`` assignments (e.g. ``num_train_steps=2``).
   """
   repo = Path(__file__).resolve().parents[1]
-  lines = ["import sys", f"sys.path.insert(0, {str(repo)!r})", "from asff_jax.train import load_config_file",
+  lines = ["import sys", f"sys.path.insert(0, {str(repo)!r})", "from asff_jax.config import load_config_file",
            "def get_config():", f"  c = load_config_file({str(repo / 'configs' / 'tiny.py')!r})",
            "  c.dataset.source = 'digits'", f"  c.dataset.root = {str(Path(tmp_path) / 'digits')!r}",
            f"  c.dataset.data_dir = {str(Path(tmp_path) / 'tfds')!r}",
            f"  c.dataset.digits_num_train = {int(num_train)}", f"  c.dataset.digits_num_val = {int(num_val)}",
-           "  c.dataset.max_boxes = 12", "  c.model.num_classes = 10"]
+           "  c.dataset.max_boxes = 12", "  c.model.num_classes = 10", "  c.eval_at_end = True"]
   lines += [f"  c.{k.replace('__', '.')} = {v!r}" for k, v in settings.items()]
   lines.append("  return c")
   path = Path(tmp_path) / "tiny_digits.py"

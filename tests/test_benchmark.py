@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from asff_jax import benchmark
+from asff_jax.tools import benchmark
 
 
 def test_benchmark_quick_all(tmp_path, capsys):

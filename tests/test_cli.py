@@ -49,7 +49,8 @@ def trained(tmp_path_factory):
   r = _run(["asff_jax.train", f"--config={TINY}", f"--workdir={workdir}",
             "--config.dataset.source=digits", *_digits_flags(tmp, "digits", 0),
             "--config.model.num_classes=10", "--config.num_train_steps=2",
-            "--config.checkpoint_every_steps=2", "--config.dataset.max_boxes=12"], env)
+            "--config.checkpoint_every_steps=2", "--config.dataset.max_boxes=12",
+            "--config.eval_at_end=True"], env)
   assert r.returncode == 0, r.stderr[-5000:]
   return tmp, env, workdir, r
 

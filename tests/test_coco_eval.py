@@ -1,4 +1,4 @@
-"""Tests of asff_jax.coco_eval (spec §5, official ``utils/cocoapi_evaluator.py``).
+"""Tests of asff_jax.evaluation.coco_eval (spec §5, official ``utils/cocoapi_evaluator.py``).
 
 Hand-made ground truths whose COCO metrics are known in advance. Expected AP
 values are derived by hand / from first principles (101-point interpolated
@@ -22,7 +22,7 @@ except ImportError:  # running pytest without the package installed
 
 from pycocotools.coco import COCO
 
-from asff_jax.coco_eval import STAT_NAMES, CocoEvaluator, evaluate_fixed_outputs, load_coco_gt
+from asff_jax.evaluation.coco_eval import STAT_NAMES, CocoEvaluator, evaluate_fixed_outputs, load_coco_gt
 
 CATS = (7, 1, 3)  # deliberately unsorted and non-contiguous
 
@@ -275,7 +275,7 @@ def test_evaluate_fixed_outputs_helper():
 
 def test_end_to_end_with_nms_fixed():
   """GT -> synthetic decoded predictions (+ duplicates and noise) -> nms_fixed -> AP 1."""
-  from asff_jax.postprocess import nms_fixed
+  from asff_jax.evaluation.postprocess import nms_fixed
 
   gt = make_gt(IMAGES, GT_ANNS)
   class_ids = [1, 3, 7]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from asff_jax.models import create_model
-from asff_jax.train import load_config_file
+from asff_jax.config import load_config_file
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.py"))

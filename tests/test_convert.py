@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from asff_jax.convert import (expected_layout, strip_state_dict, variables_from_official,
+from asff_jax.tools.convert import (expected_layout, strip_state_dict, variables_from_official,
                               variables_to_official)
 from asff_jax.models import create_model, default_model_config
-from asff_jax.parity import state_dict_from_spec
+from asff_jax.tools.parity import state_dict_from_spec
 from tests.conftest import parity_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,9 +159,10 @@ def test_cli_reads_pth_and_writes_orbax(tmp_path):
   import orbax.checkpoint as ocp
   restored = ocp.StandardCheckpointer().restore(out_dir / "checkpoints" / "0" / "state")  # plain orbax
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), v, restored)
-  from asff_jax.checkpoints import load_config, load_variables
+  from asff_jax.config import load_workdir_config
+  from asff_jax.training.checkpoints import load_variables
   loaded, step = load_variables(str(out_dir))
-  assert step == 0 and load_config(str(out_dir)).model.num_classes == 3
+  assert step == 0 and load_workdir_config(str(out_dir)).model.num_classes == 3
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), v, loaded)
 
   bad = tmp_path / "bad.pth"
@@ -169,10 +170,3 @@ def test_cli_reads_pth_and_writes_orbax(tmp_path):
   res = subprocess.run([sys.executable, "-m", "asff_jax.convert", f"--pth={bad}", f"--config={cfg_file}",
                         f"--out={out_dir}2"], capture_output=True, text=True, cwd=REPO)
   assert res.returncode != 0 and "bad.pth: cannot read" in res.stderr
-
-
-def test_shared_class_head_config_is_refused():
-  cfg = default_model_config()
-  cfg.class_head = "shared"
-  with pytest.raises(ValueError, match="class_head='per_slot'"):
-    variables_from_official({}, cfg)

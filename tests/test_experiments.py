@@ -64,23 +64,3 @@ def test_fusion_ablation_script(tmp_path):
   mtime = os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json")
   assert fa.main(args) == 0
   assert os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json") == mtime
-
-
-@pytest.mark.slow  # ~40 s: kept out of CI like the other experiment scripts (pytest -m slow)
-def test_class_path_probe_learns_easy_classes_and_validates():
-  cpp = _script("class_path_probe")
-  from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
-  from tests.test_pretrain import _records  # pylint: disable=import-outside-toplevel
-  config = tiny_config()
-  config.model.num_classes = 3
-  recs = _records(40)
-  accs = cpp.run(config, readout="neck", steps=40, batch=32, crop_size=32, lr=3e-3, source=recs,
-                 crops_images=40, log=lambda s: None)
-  assert len(accs) == 40 and np.mean(accs[-10:]) > 0.6, accs  # chance 1/3: discs, bars, rings
-  accs = cpp.run(config, readout="head", steps=2, batch=8, crop_size=32, lr=3e-3, source=recs,
-                 crops_images=8, freeze_dcn=True, zero_offsets=True, log=lambda s: None)
-  assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
-  with pytest.raises(ValueError, match="readout"):
-    cpp.run(config, readout="logits", steps=1, batch=2, crop_size=32, lr=1e-3, source=recs)
-  with pytest.raises(ValueError, match="crop_size"):
-    cpp.run(config, readout="head", steps=1, batch=2, crop_size=48, lr=1e-3, source=recs)

@@ -1,7 +1,7 @@
 """Export (``asff_jax.export``): reloaded artefacts give the detections of ``asff_jax.predict``.
 
 A tiny ASFF model with random, well-conditioned weights is written as a
-workdir (``convert.save_converted``); ``asff_jax.predict`` runs on a few PNGs
+workdir (``checkpoints.write_workdir``, what ``convert`` writes); ``asff_jax.predict`` runs on a few PNGs
 of different sizes; the StableHLO artefact (exported through the command line)
 and the SavedModel are each reloaded in a fresh process — the latter with
 TensorFlow only, JAX never imported — and must return the same detections:
@@ -72,7 +72,7 @@ def _run_fresh(code: str, *args) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from asff_jax import convert
+  from asff_jax.training import checkpoints
   from asff_jax.models import create_model
   tmp = tmp_path_factory.mktemp("export")
   config = tiny_config()
@@ -80,7 +80,7 @@ def setup(tmp_path_factory):
   config.dataset.category_ids = [3, 7, 11]
   variables = random_variables(create_model(config), seed=1)
   workdir = tmp / "run"
-  convert.save_converted(str(workdir), variables, config)
+  checkpoints.write_workdir(str(workdir), variables, config)
   rng = np.random.default_rng(0)
   paths = []
   for i, (h, w) in enumerate(SIZES):
@@ -89,7 +89,7 @@ def setup(tmp_path_factory):
     img = Image.fromarray(base).resize((w, h), Image.BILINEAR)
     paths.append(tmp / f"img{i}.png")
     img.save(paths[-1])
-  from asff_jax.predict import predict_files
+  from asff_jax.tools.predict import predict_files
   ref = predict_files(str(workdir), [str(p) for p in paths], str(tmp / "pred"), score_thre=SCORE_THRE,
                       log=lambda s: None)
   assert not ref["failed"]
@@ -127,12 +127,12 @@ def test_stablehlo_cli_reloaded_matches_predict(setup):
 
 
 def test_saved_model_runs_without_jax_and_matches_predict(setup):
-  from asff_jax import export
+  from asff_jax.tools import export
 
   tmp, workdir, paths, ref = setup
   out = tmp / "sm"
   meta = export.export_workdir(str(workdir), str(out), input_size=64, fmt="saved_model",
-                               score_thre=SCORE_THRE, log=lambda s: None)
+                               score_thre=SCORE_THRE)
   assert meta["platforms"] == ["cpu"] and (out / "saved_model.pb").exists()
   res = _run_fresh(_TF_RUNNER, out, *paths)
   assert res["jax_imported"] is False
@@ -142,12 +142,11 @@ def test_saved_model_runs_without_jax_and_matches_predict(setup):
 
 def test_fixed_shapes_and_bad_flags(setup, tmp_path):
   import jax
-  from asff_jax import export
+  from asff_jax.tools import export
 
   _, workdir, paths, ref = setup
   meta = export.export_workdir(str(workdir), str(tmp_path / "fixed"), input_size=64, batch_size=1,
-                               image_hw=SIZES[1], score_thre=SCORE_THRE, platforms="cpu",
-                               log=lambda s: None)
+                               image_hw=SIZES[1], score_thre=SCORE_THRE, platforms="cpu")
   assert meta["image_input"]["shape"] == "1, 90, 120, 3"
   exp = jax.export.deserialize((tmp_path / "fixed" / "model.jax_export").read_bytes())
   assert exp.in_avals[0].shape == (1, 90, 120, 3)
@@ -165,7 +164,7 @@ def test_fixed_shapes_and_bad_flags(setup, tmp_path):
 
 def test_resize_matches_tf_bilinear():
   import tensorflow as tf
-  from asff_jax import export
+  from asff_jax.tools import export
 
   rng = np.random.default_rng(3)
   for h, w, s in [(37, 100, 64), (64, 64, 64), (200, 33, 32)]:

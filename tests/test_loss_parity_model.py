@@ -21,10 +21,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from asff_jax.convert import variables_from_official, variables_to_official
-from asff_jax.losses import default_loss_config, loss_fn
+from asff_jax.tools.convert import variables_from_official, variables_to_official
+from asff_jax.models.losses import default_loss_config, loss_fn
 from asff_jax.models import create_model, default_model_config
-from asff_jax.parity import state_dict_from_spec
+from asff_jax.tools.parity import state_dict_from_spec
 from tests.conftest import parity_file
 
 COMPONENTS = ("total", "anchor", "iou", "l1", "xy", "wh", "obj", "cls")

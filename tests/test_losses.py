@@ -1,4 +1,4 @@
-"""Tests of ``asff_jax.targets`` and ``asff_jax.losses`` (spec §4, §6).
+"""Tests of ``asff_jax.models.targets`` and ``asff_jax.models.losses`` (spec §4, §6).
 
 Parity part: the official PyTorch loss recorded in ``../shared/parity``
 (``asff_official_loss.npz`` and ``asff_official_loss_heads.npz``, see the
@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asff_jax import losses
-from asff_jax import targets
+from asff_jax.config import default_loss_config
+from asff_jax.models import losses
+from asff_jax.models import targets
 # parity_file: ../shared/parity (Path(__file__).resolve().parents[1].parent / 'shared' /
 # 'parity'); skips with a clear message when the file is absent.
 from tests.conftest import parity_file
@@ -82,15 +83,10 @@ def _components_and_targets(label_smoothing=True, adjacent_ignore_eps=None):
 
 @functools.lru_cache(maxsize=None)
 def _head_loss_ls_off():
-  """Jitted ``head_loss`` with label smoothing off, configured by an ml_collections
-  ConfigDict when available (else a dict); shared by two tests (one compile)."""
-  cfg = dict(label_smoothing=False, ignore_thre=0.7, detach_anchor_targets=False,
-             adjacent_ignore_eps=None)
-  try:
-    import ml_collections
-    cfg = ml_collections.ConfigDict(cfg)
-  except ImportError:  # pragma: no cover
-    pass
+  """Jitted ``head_loss`` with label smoothing off, configured by the ``loss`` config
+  section; shared by two tests (one compile)."""
+  cfg = default_loss_config()
+  cfg.label_smoothing = False
   return jax.jit(functools.partial(losses.head_loss, loss_config=cfg, num_classes=C,
                                    input_hw=INPUT_HW))
 
@@ -102,8 +98,8 @@ def grads(fx, heads):
   Both in one jit so XLA shares the forward pass (one compile instead of two).
   """
   def grad(detach):
-    cfg = dict(label_smoothing=True, ignore_thre=0.7, detach_anchor_targets=detach,
-               adjacent_ignore_eps=None)
+    cfg = default_loss_config()
+    cfg.detach_anchor_targets = detach
     return jax.grad(lambda lv, lb: losses.head_loss(lv, lb, loss_config=cfg, num_classes=C,
                                                     input_hw=INPUT_HW)[0])
   both = jax.jit(lambda lv, lb: (grad(False)(lv, lb), grad(True)(lv, lb)))
@@ -450,56 +446,3 @@ def test_huge_unconstrained_outputs_keep_gradients_finite():
   v1, (g_raw, g_g) = jax.value_and_grad(loss, argnums=(0, 1))(huge_raw, huge_g)
   assert np.isfinite(float(v1))
   assert np.all(np.isfinite(np.asarray(g_raw))) and np.all(np.isfinite(np.asarray(g_g)))
-
-
-def test_class_region_geometry_and_priority():
-  # Level-1 grid 16x16 of a 256x256 input (stride 16). GT 0: 60x60 at (100, 100),
-  # centre cell (6, 6); GT 1: 20x20 at (110, 100), spans cols 5..7 ∩ [5, 7], rows 5..6.
-  lab = np.zeros((1, 3, 5), np.float32)
-  lab[0, 0] = [3, 100, 100, 60, 60]
-  lab[0, 1] = [5, 110, 100, 20, 20]
-  lab[0, 2] = [1, 200, 200, 40, 40]  # not of this level: never labels a cell
-  in_level = jnp.asarray([[True, True, False]])
-  fn = jax.jit(targets.class_region, static_argnames=("grid_hw", "input_hw", "radius"))
-  r1 = np.asarray(fn(jnp.asarray(lab), in_level, grid_hw=(16, 16), input_hw=(256, 256),
-                     radius=1)).reshape(16, 16)
-  expect = -np.ones((16, 16), np.int32)
-  expect[5:8, 5:8] = 0   # GT 0's 3x3 around its centre cell (inside its box)
-  expect[5:7, 6:8] = 1   # the smaller GT 1 wins where they meet
-  np.testing.assert_array_equal(r1, expect)
-  r0 = np.asarray(fn(jnp.asarray(lab), in_level, grid_hw=(16, 16), input_hw=(256, 256),
-                     radius=0)).reshape(16, 16)
-  assert (r0 >= 0).sum() == 1 and r0[6, 6] == 1  # both centres in (6, 6): smaller wins
-  # A box narrower than a cell is not widened by the radius: (40, 40) 8x8 spans one cell.
-  lab2 = np.zeros((1, 1, 5), np.float32)
-  lab2[0, 0] = [2, 40, 40, 8, 8]
-  r = np.asarray(fn(jnp.asarray(lab2), jnp.asarray([[True]]), grid_hw=(16, 16),
-                    input_hw=(256, 256), radius=2)).reshape(16, 16)
-  assert (r >= 0).sum() == 1 and r[2, 2] == 0
-  with pytest.raises(ValueError):
-    targets.class_region(jnp.asarray(lab), in_level, grid_hw=(16, 16), input_hw=(256, 256),
-                         radius=-1)
-
-
-def test_cls_center_radius_changes_only_cls():
-  # A 24x24 GT on level 2 (prior 33x23) of the 64x64 input (stride 8): centre cell (3, 3),
-  # box cells 2..5, so radius 1 gives cells 2..4.
-  lab = np.zeros((1, 2, 5), np.float32)
-  lab[0, 0] = [2, 28.5, 28.5, 24, 24]
-  raw = jax.random.normal(jax.random.key(0), (1, 8, 8, 4 * (5 + SMALL_C)))
-  gwh = jnp.zeros((1, 8, 8, 8))
-
-  def run(radius):
-    return losses.level_loss(raw, gwh, jnp.asarray(lab), level=2, num_classes=SMALL_C,
-                             input_hw=SMALL_HW, cls_center_radius=radius, return_targets=True)
-  (c0, t0), (c1, t1) = run(None), run(1)
-  for k in ("anchor", "iou", "xy", "wh", "obj"):
-    np.testing.assert_allclose(float(c1[k]), float(c0[k]), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(t0.cls_mask), np.asarray(t0.positive))
-  m = np.asarray(t1.cls_mask)[0]
-  assert m.sum() == 9 * 4 and m[2:5, 2:5].all()  # 3x3 cells, all 4 slots
-  on, off = 1 - 1 / SMALL_C, 1 / SMALL_C
-  np.testing.assert_allclose(np.asarray(t1.cls_target)[0, 2, 4, 1], [off, off, on], rtol=1e-6)
-  # The class loss is the BCE summed over the 36 supervised (cell, slot) pairs.
-  bce = losses.bce_with_logits(raw.reshape(1, 8, 8, 4, 5 + SMALL_C)[..., 5:], t1.cls_target)
-  np.testing.assert_allclose(float(c1["cls"]), float(jnp.sum(bce[0, 2:5, 2:5])), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Optimizer and schedules (asff_jax.optim) against spec §7, plus one bf16 train step."""
+"""Optimizer and schedules (asff_jax.training.optim) against spec §7, plus one bf16 train step."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from asff_jax import optim
+from asff_jax.config import default_config
+from asff_jax.training import optim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,35 +50,45 @@ def test_official_schedule_matches_spec():
     assert float(jitted(jnp.int32(s))) == pytest.approx(float(fn(s)), rel=1e-6)
 
 
+def _run_config(steps_per_epoch, num_train_steps):
+  """A resolved config whose run is exactly num_epochs x steps_per_epoch (no short-run scaling)."""
+  c = default_config()
+  c.steps_per_epoch, c.num_train_steps = steps_per_epoch, num_train_steps
+  c.num_epochs = num_train_steps // steps_per_epoch
+  return c
+
+
 def test_schedule_boundaries_configurable_and_validated():
-  s = optim.default_schedule_config()
+  c = _run_config(4, 40)
+  s = c.schedule
   s.burn_in_epochs, s.constant_until_epoch, s.cosine_end_epoch, s.min_lr, s.burn_in_power = 2, 3, 9, 1e-4, 2.0
-  fn = optim.make_schedule(s, base_lr=0.01, steps_per_epoch=4, num_train_steps=40)
+  fn = optim.make_schedule(c, base_lr=0.01)
   for step in range(40):
     want = _spec_lr(step, 4, base=0.01, burn=2, hold_until=3, cos_end=9, min_lr=1e-4, power=2)
     assert float(fn(step)) == pytest.approx(want, rel=1e-5, abs=1e-12), step
   with pytest.raises(ValueError):
     optim.official_schedule(0.01, 4, constant_until_epoch=10, cosine_end_epoch=5)
   with pytest.raises(ValueError):
-    optim.make_schedule(ml_collections.ConfigDict({"name": "step"}), base_lr=1.0, steps_per_epoch=1,
-                        num_train_steps=1)
+    s.name = "step"
+    optim.make_schedule(c, base_lr=1.0)
 
 
 def test_warmup_cosine_and_constant():
-  s = optim.default_schedule_config()
+  c = _run_config(5, 110)
+  s = c.schedule
   s.name, s.warmup_epochs, s.min_lr = "warmup_cosine", 2.0, 0.0
-  fn = optim.make_schedule(s, base_lr=0.1, steps_per_epoch=5, num_train_steps=110)
+  fn = optim.make_schedule(c, base_lr=0.1)
   assert float(fn(0)) == 0.0
   assert float(fn(5)) == pytest.approx(0.05)
   assert float(fn(10)) == pytest.approx(0.1)
   assert float(fn(60)) == pytest.approx(0.05, rel=1e-5)  # half-way through the cosine
   assert float(fn(110)) == pytest.approx(0.0, abs=1e-9)
   s.name = "constant"
-  assert float(optim.make_schedule(s, base_lr=0.1, steps_per_epoch=5, num_train_steps=110)(77)) == pytest.approx(0.1)
+  assert float(optim.make_schedule(c, base_lr=0.1)(77)) == pytest.approx(0.1)
 
 
 def test_lr_scaling():
-  o = optim.default_optimizer_config()
+  o = default_config().optimizer
   assert optim.scaled_base_lr(o, 640) == 0.001  # official: not scaled
   o.lr_scaling = "linear"
   assert optim.scaled_base_lr(o, 128) == pytest.approx(0.002)
@@ -89,13 +99,10 @@ def test_lr_scaling():
 
 
 def _config(**opt):
-  c = ml_collections.ConfigDict()
+  c = _run_config(1, 4)
   c.batch_size = 8
-  c.optimizer = optim.default_optimizer_config()
   c.optimizer.update(opt)
-  c.schedule = optim.default_schedule_config()
   c.schedule.name = "constant"
-  c.model = ml_collections.ConfigDict({"fusion": "asff"})
   return c
 
 
@@ -106,7 +113,7 @@ def test_sgd_matches_pytorch_ordering():
   grads = [jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), p0) for _ in range(4)]
   lrs = [0.1, 0.05, 0.2, 0.01]
   mu, wd = 0.9, 0.05
-  opt = optim.make_optimizer(_config(weight_decay=wd, momentum=mu), p0, steps_per_epoch=1, num_train_steps=4)
+  opt = optim.make_optimizer(_config(weight_decay=wd, momentum=mu), p0, )
   state = opt.tx.init(p0)
   params = jax.tree.map(jnp.asarray, p0)
   ref_p = jax.tree.map(np.copy, p0)
@@ -161,8 +168,7 @@ def test_weight_decay_masks(tiny_params):
 
 def test_masked_decay_leaves_excluded_params_alone():
   p = {"conv": {"kernel": jnp.ones((2, 2))}, "batch_norm": {"scale": jnp.ones(2)}}
-  opt = optim.make_optimizer(_config(weight_decay_on="kernels", weight_decay=0.5), p, steps_per_epoch=1,
-                             num_train_steps=1)
+  opt = optim.make_optimizer(_config(weight_decay_on="kernels", weight_decay=0.5), p)
   state = optim.set_learning_rate(opt.tx.init(p), 1.0)
   updates, _ = opt.tx.update(jax.tree.map(jnp.zeros_like, p), state, p)
   np.testing.assert_allclose(updates["conv"]["kernel"], -0.5)
@@ -172,23 +178,26 @@ def test_masked_decay_leaves_excluded_params_alone():
 BF16_SCRIPT = textwrap.dedent("""
     import importlib.util, sys
     import jax, jax.numpy as jnp, numpy as np
-    from asff_jax import optim, sharding as shd, train
-    from asff_jax.models import create_model
-    from asff_jax.train_state import create_train_state
-    spec = importlib.util.spec_from_file_location("tiny_cfg", sys.argv[1]); mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = train.resolve_config(mod.get_config())
+    from asff_jax.config import load_config_file, resolve_config
+    from asff_jax.data import loader
+    from asff_jax.models import create_model, losses
+    from asff_jax.training import optim
+    from asff_jax.training import sharding as shd
+    from asff_jax.training.state import create_train_state
+    from asff_jax.training.step import make_train_step_fn
+    cfg = load_config_file(sys.argv[1])
     cfg.model.dtype = "bfloat16"
+    cfg = resolve_config(cfg, **loader.dataset_info(loader.train_source(cfg)))
     model = create_model(cfg)
     mesh = shd.make_mesh()
     shape = (1, 64, 64, 3)
     pshape = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
-    opt = optim.make_optimizer(cfg, pshape, steps_per_epoch=cfg.steps_per_epoch, num_train_steps=cfg.num_train_steps)
+    opt = optim.make_optimizer(cfg, pshape)
     state = create_train_state(model, opt.tx, jax.random.key(0, impl="rbg"), shape, sharding=shd.replicated(mesh))
     p0 = jax.tree.map(np.asarray, state.params)
-    step = train.make_train_step_fn(model=model, config=cfg, tx=opt.tx, lr_fn=lambda s: jnp.float32(0.01),
-                                    loss_fn=train.default_loss_fn(), mesh=mesh)
-    batch = shd.make_global_batch(train.synthetic_batch(cfg, 0), mesh, cfg.batch_size)
+    step = make_train_step_fn(model=model, config=cfg, tx=opt.tx, lr_fn=lambda s: jnp.float32(0.01),
+                              loss_fn=losses.loss_fn, mesh=mesh)
+    batch = shd.make_global_batch(next(loader.make_train_iterator(cfg, 0)), mesh, cfg.batch_size)
     # the model really computes in bf16
     out = model.apply(state.variables, batch["images"], train=False)
     assert out["backbone"][-1].dtype == jnp.bfloat16, out["backbone"][-1].dtype

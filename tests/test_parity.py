@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asff_jax.convert import variables_from_official
+from asff_jax.tools.convert import variables_from_official
 from asff_jax.models import create_model, default_model_config
-from asff_jax.parity import state_dict_from_spec
+from asff_jax.tools.parity import state_dict_from_spec
 from tests.conftest import parity_file
 
 SCALE_TOL = 1e-4

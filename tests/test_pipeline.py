@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from asff_jax.data import pipeline as P
+from asff_jax.data.synthetic import SyntheticSource
 from asff_jax.data import transforms as T
 
 SIZES = (64, 96, 128)
@@ -178,7 +179,7 @@ def test_eval_batches_padding(source):
   hw = np.concatenate([b["orig_hw"] for b in batches])
   np.testing.assert_array_equal(hw[:10], [[source[i]["height"], source[i]["width"]] for i in range(10)])
   img = tf.io.decode_image(source[4]["image"], channels=3)
-  expect, _ = T.val_transform(img, 64)
+  expect = T.val_transform(img, 64)
   np.testing.assert_allclose(batches[1]["images"][0], expect, atol=1e-4)
   assert batches[0]["images"].shape == (4, 64, 64, 3)
   # two processes: slices of the same global batches
@@ -191,15 +192,17 @@ def test_eval_batches_padding(source):
 
 def test_make_global_batch(full_run):
   import jax
+  from asff_jax.training import sharding as shd
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  out = P.make_global_batch(full_run[0], mesh)
+  arrays = {k: full_run[0][k] for k in ("images", "labels")}
+  out = shd.make_global_batch(arrays, mesh, full_run[0]["images"].shape[0])
   assert isinstance(out["images"], jax.Array) and out["images"].shape == full_run[0]["images"].shape
   np.testing.assert_array_equal(np.asarray(out["labels"]), full_run[0]["labels"])
-  assert out["step"] == 0
+  assert full_run[0]["step"] == 0
 
 
 def test_measure_throughput_smoke():
-  src = P.SyntheticSource(3, height=96, width=128)
+  src = SyntheticSource(3, height=96, width=128)
   r = P.measure_throughput(src, size=64, batch_size=2, num_batches=2, warmup_batches=1)
   assert r["images"] == 4 and r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0

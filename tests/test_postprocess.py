@@ -1,4 +1,4 @@
-"""Tests of asff_jax.postprocess (spec §5; parity README ``pred`` / ``detections``).
+"""Tests of asff_jax.evaluation.postprocess (spec §5; parity README ``pred`` / ``detections``).
 
 * the numpy reference reproduces the official ``detections`` of the parity
   fixture from its ``pred`` (conf 0.01, NMS 0.65), by box matching with a
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asff_jax.postprocess import (_float32_floor, fixed_to_rows, nms_fixed, nms_fixed_single,
+from asff_jax.evaluation.postprocess import (_float32_floor, fixed_to_rows, nms_fixed, nms_fixed_single,
                                   postprocess_reference)
 
 PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity"

@@ -8,9 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from asff_jax.losses import default_loss_config, head_loss, loss_fn
+from asff_jax.models.losses import default_loss_config, head_loss, loss_fn
 from asff_jax.models import create_model, default_model_config
-from asff_jax.probes import SplitModel, decompose_gradients, summarize
+from asff_jax.tools.probes import SplitModel, decompose_gradients, summarize
 
 S = 64
 

@@ -1,4 +1,4 @@
-"""``asff_jax.profiling``: HLO parsing (kinds, FLOPs, regions) and a traced profile of a small function."""
+"""``asff_jax.tools.profiling``: HLO parsing (kinds, FLOPs, regions) and a traced profile of a small function."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asff_jax import profiling
+from asff_jax.tools import profiling
 
 
 def _conv_dot(x, w, m):

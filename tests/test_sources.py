@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asff_jax.coco_eval import CocoEvaluator
+from asff_jax.evaluation.coco_eval import CocoEvaluator
 from asff_jax.data import coco_folder as cf
+from asff_jax.errors import DataError
 from asff_jax.data.sources import (COCO_CATEGORY_IDS, COCO_CLASS_NAMES, RECORD_KEYS,
                                    convert_to_array_record, open_source)
 
@@ -247,7 +248,7 @@ def test_coco_tfds_array_record(tmp_path):
 def test_coco_tfds_tfrecord_needs_conversion(tmp_path):
   version_dir = write_fake_coco(tmp_path / "tfds", "tfrecord")
   cfg = dict(source="coco_tfds", data_dir=str(tmp_path / "tfds"))
-  with pytest.raises(RuntimeError) as err:
+  with pytest.raises(DataError) as err:
     open_source(cfg, "validation")
   msg = str(err.value)
   cmd = f"tfds convert_format --dataset_version_dir={version_dir} --out_file_format=array_record"

@@ -99,7 +99,11 @@ def test_run_writes_config_checkpoints_and_logs(reference_run):
   assert set(state) >= {"params", "batch_stats", "opt_state", "step"}
   assert state["params"]["backbone"]["layer_0"]["conv"]["kernel"].dtype == np.float32
   assert list(workdir.glob("events.out.tfevents*")), "no TensorBoard event file"
-  assert "train/loss" in r.stderr + r.stdout and "images_per_sec" in r.stderr + r.stdout
+  logged = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in logged if "train/loss" in m] == [2, 4, 6, 8]  # every log_every_steps
+  assert all("images_per_sec" in m and "train/loss_obj_l0" in m for m in logged if "train/loss" in m)
+  # the console shows the progress line, not the per-component losses
+  assert "loss_obj_l0" not in r.stderr + r.stdout and "train: 8/8" in r.stderr
 
 
 def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(env, reference_run, tmp_path):

@@ -11,14 +11,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asff_jax import inference, optim, sharding as shd, train
-from asff_jax.models import create_model
-from asff_jax.train_state import create_train_state
+from asff_jax.config import resolve_config
+from asff_jax.data import loader
+from asff_jax.evaluation import inference
+from asff_jax.models import create_model, losses
+from asff_jax.training import optim
+from asff_jax.training import sharding as shd
+from asff_jax.training.state import create_train_state
+from asff_jax.training.step import make_train_step_fn
 from tests.conftest import tiny_config
 
 
 def _tiny():
-  return train.resolve_config(tiny_config())
+  config = tiny_config()
+  return resolve_config(config, **loader.dataset_info(loader.train_source(config)))
 
 
 def test_train_step_and_inference_need_no_host_transfers():
@@ -28,12 +34,12 @@ def test_train_step_and_inference_need_no_host_transfers():
   size = int(config.dataset.input_size)
   shape = (1, size, size, 3)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
-  opt = optim.make_optimizer(config, params, steps_per_epoch=int(config.steps_per_epoch),
-                             num_train_steps=int(config.num_train_steps))
+  opt = optim.make_optimizer(config, params)
   state = create_train_state(model, opt.tx, jax.random.key(0), shape, sharding=shd.replicated(mesh))
-  step_fn = train.make_train_step_fn(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn,
-                                     loss_fn=train.default_loss_fn(), mesh=mesh)
-  batches = [shd.make_global_batch(train.synthetic_batch(config, s), mesh, int(config.batch_size)) for s in range(3)]
+  step_fn = make_train_step_fn(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn,
+                               loss_fn=losses.loss_fn, mesh=mesh)
+  it = loader.make_train_iterator(config, 0)
+  batches = [shd.make_global_batch(next(it), mesh, int(config.batch_size)) for _ in range(3)]
   state, _ = step_fn(state, batches[0])  # compile outside the guard
   with jax.transfer_guard("disallow"):
     for b in batches[1:]:

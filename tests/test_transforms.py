@@ -15,6 +15,7 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asff_jax.boxes import rescale_boxes
 from asff_jax.data import transforms as T
 
 K = 8  # static box capacity used in these tests
@@ -60,7 +61,7 @@ OPS = {
     "normalize": lambda im, b, v, s: (T.normalize(im),),
     "mixup": lambda im, b, v, s: T.mixup(im, b, CLASSES, v, im[:40, :50], b, CLASSES, v, s),
     "train": lambda im, b, v, s: T.train_transform(im, b, CLASSES, WEIGHTS, v, s, 64, max_boxes=6),
-    "val": lambda im, b, v, s: T.val_transform(im, 64),
+    "val": lambda im, b, v, s: (T.val_transform(im, 64),),
     "labels": lambda im, b, v, s: (T.to_labels(b, CLASSES, WEIGHTS, v, 5),),
 }
 
@@ -267,9 +268,11 @@ def test_resize_and_val_transform():
     out, b = T.random_resize(img, boxes, 32, _seed(i))
     assert out.shape == (32, 32, 3) and out.dtype == tf.float32
     np.testing.assert_allclose(b, boxes * [32 / W, 32 / H, 32 / W, 32 / H], rtol=1e-6)
-  out, scale = T.val_transform(img, 48)
+  out = T.val_transform(img, 48)
   assert out.shape == (48, 48, 3)
-  np.testing.assert_allclose(scale, [48 / W, 48 / H], rtol=1e-6)
+  # boxes predicted at 48 x 48 map back per axis (the plain resize): x * W / 48, y * H / 48
+  np.testing.assert_allclose(rescale_boxes(np.array([48.0, 48, 48, 48]), (48, 48), (H, W)), [W, H, W, H],
+                             rtol=1e-6)
   np.testing.assert_allclose(out, T.normalize(tf.image.resize(tf.cast(img, tf.float32), [48, 48])),
                              atol=1e-5)
 

@@ -104,7 +104,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -116,10 +115,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
+
+from asff_jax.errors import DataError
 
 __all__ = [
     "BUILDER_NAME", "COUNT_KEYS", "CocoFormatError", "DEFAULT_MAX_IMAGE_SIDE", "PREP_VERSION",
@@ -150,7 +152,7 @@ COUNT_KEYS = (
 )
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(DataError):
   """A fatal problem in a COCO annotation json (the message names file and key)."""
 
 
@@ -564,7 +566,6 @@ def _builder_class():
   global _BUILDER_CLS
   if _BUILDER_CLS is not None:
     return _BUILDER_CLS
-  import tensorflow_datasets as tfds
 
   class CocoFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """One split of a COCO-layout folder (see the module docstring)."""
@@ -675,7 +676,6 @@ class PreparedSplit:
 
   def data_source(self):
     """Random-access TFDS ``ArrayRecordDataSource`` over the records (picklable)."""
-    import tensorflow_datasets as tfds
     builder = tfds.builder_from_directory(os.fspath(self.version_dir))
     return builder.as_data_source(split=self.split_key)
 
@@ -721,7 +721,6 @@ def prepare_coco_folder(root, split: str, data_dir=None, *,
     CocoFormatError: malformed json / missing keys / duplicate image or
       category ids (nothing is written).
   """
-  import tensorflow_datasets as tfds
 
   root = Path(root).expanduser().absolute()
   json_path = annotation_path(root, split)
@@ -757,19 +756,23 @@ def prepare_coco_folder(root, split: str, data_dir=None, *,
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description="Validate a COCO-layout folder and prepare one split "
-                              "as array_record TFDS data (asff_jax).")
-  p.add_argument("--root", required=True)
-  p.add_argument("--split", required=True, action="append", help="repeat for several splits")
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE)
-  args = p.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING)
-  for split in args.split:
-    prepared = prepare_coco_folder(args.root, split, args.data_dir,
-                                   max_image_side=args.max_image_side)
-    print(f"{split}: {prepared.version_dir}")
-  return 0
+  """``python -m asff_jax.data.coco_folder --root ROOT --split S [--split S2] [--data_dir D]``."""
+  from absl import flags  # pylint: disable=import-outside-toplevel  (command line only)
+  from asff_jax import cli  # pylint: disable=import-outside-toplevel  (cli sits above data/)
+
+  def define(fv, _argv):
+    flags.DEFINE_string("root", None, "COCO-layout folder", flag_values=fv)
+    flags.DEFINE_multi_string("split", None, "split to prepare (repeat for several)", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir for the prepared data", flag_values=fv)
+    flags.DEFINE_integer("max_image_side", DEFAULT_MAX_IMAGE_SIDE, "downscale larger images", flag_values=fv)
+    flags.mark_flags_as_required(["root", "split"], flag_values=fv)
+
+  def run(f):
+    for split in f.split:
+      prepared = prepare_coco_folder(f.root, split, f.data_dir, max_image_side=f.max_image_side)
+      print(f"{split}: {prepared.version_dir}")
+
+  return cli.run(run, "asff_jax.data.coco_folder", argv, define)
 
 
 if __name__ == "__main__":

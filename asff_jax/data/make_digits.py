@@ -93,10 +93,10 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -150,7 +150,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
   """``(images (1797, 8, 8) float32 in [0, 1], labels (1797,) int)`` from scikit-learn."""
   global _DIGITS
   if _DIGITS is None:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel  (generation only)
     d = load_digits()
     images = (np.asarray(d.images, np.float32) / 16.0).clip(0.0, 1.0)
     labels = np.asarray(d.target, np.int64)
@@ -168,7 +168,7 @@ def _background_photo(i: int) -> np.ndarray:
   """
   photo = _BACKGROUNDS.get(i)
   if photo is None:
-    import skimage.data
+    import skimage.data  # pylint: disable=import-outside-toplevel  (generation only)
     name = BACKGROUNDS[i]
     try:
       img = getattr(skimage.data, name)()
@@ -407,7 +407,6 @@ def _params(seed: int, num_train: int, num_val: int) -> dict:
 
 def _pool_context():
   """``fork`` is fastest, but unsafe once multithreaded runtimes (JAX, TF) are loaded."""
-  import multiprocessing as mp
   if sys.platform.startswith("linux") and not any(m in sys.modules for m in ("jax", "tensorflow", "torch")):
     return mp.get_context("fork")
   return mp.get_context("spawn")
@@ -565,18 +564,23 @@ def ensure_digits(cache_dir, seed: int = 0, num_train: int = 3000, num_val: int 
 
 def main(argv=None) -> int:
   """Command-line entry point (see the module docstring)."""
-  p = argparse.ArgumentParser(prog="python -m asff_jax.data.make_digits",
-                              description="Generate the offline COCO-format 'digits' detection dataset.")
-  p.add_argument("--out", required=True, help="dataset root to write (replaced if present)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--num-train", type=int, default=3000)
-  p.add_argument("--num-val", type=int, default=500)
-  p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-  p.add_argument("--quiet", action="store_true", help="no progress output")
-  a = p.parse_args(argv)
-  make_digits(a.out, seed=a.seed, num_train=a.num_train, num_val=a.num_val, workers=a.workers,
-              progress=not a.quiet)
-  return 0
+  from absl import flags  # pylint: disable=import-outside-toplevel  (command line only)
+  from asff_jax import cli  # pylint: disable=import-outside-toplevel  (cli imports TensorFlow; generation does not need it)
+
+  def define(fv, _argv):
+    flags.DEFINE_string("out", None, "dataset root to write (replaced if present)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "data seed", flag_values=fv)
+    flags.DEFINE_integer("num_train", 3000, "training images", flag_values=fv)
+    flags.DEFINE_integer("num_val", 500, "val images", flag_values=fv)
+    flags.DEFINE_integer("workers", None, "processes (default: all CPUs)", flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "no progress output", flag_values=fv)
+    flags.mark_flags_as_required(["out"], flag_values=fv)
+
+  def run(f):
+    make_digits(f.out, seed=f.seed, num_train=f.num_train, num_val=f.num_val, workers=f.workers,
+                progress=not f.quiet)
+
+  return cli.run(run, "asff_jax.data.make_digits", argv, define)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ accelerators); they are cached afterwards.
 
 Multi-host: process ``p`` of ``P`` produces rows ``[p*B/P, (p+1)*B/P)`` of every
 global batch (defaults ``jax.process_index()``, ``jax.process_count()``);
-:func:`make_global_batch` assembles the global ``jax.Array``.
+:func:`asff_jax.training.sharding.make_global_batch` assembles the global ``jax.Array``.
 
 Label format: ``(B, max_boxes, 6)`` rows ``[class, cx, cy, w, h, weight]`` in
 input pixels, zero rows at the end (spec §6); images ``(B, S, S, 3)`` float32
@@ -55,13 +55,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from asff_jax.data import synthetic
 from asff_jax.data import transforms as T
 
 #: Official random-shape set: 32 * randint(10, 19) = 320..608 (spec §7).
@@ -163,7 +163,7 @@ def example_randomness(seed, step, pos, index, n):
 
 def _process_info(process_index, process_count):
   if process_index is None or process_count is None:
-    import jax  # imported lazily: the pipeline itself does not need jax
+    import jax  # pylint: disable=import-outside-toplevel  (lazy: the pipeline itself does not need jax)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return int(process_index), int(process_count)
@@ -213,7 +213,7 @@ def _options(threads, deterministic=True):
 def train_dataset(source, *, seed, global_batch_size, start_step=0, size_schedule=608,
                   mixup_schedule=True, max_boxes=50, max_raw_boxes=100, process_index=None,
                   process_count=None, num_steps=None, threads=None, prefetch=2,
-                  drop_crowd=False, fast_decode=True, augment=None):
+                  fast_decode=True, augment=None):
   """The ``tf.data.Dataset`` behind :func:`train_batches` (same arguments).
 
   Elements: ``{'images': (B_local, S, S, 3) f32, 'labels': (B_local, max_boxes, 6) f32,
@@ -242,11 +242,7 @@ def train_dataset(source, *, seed, global_batch_size, start_step=0, size_schedul
 
     def load(i):
       ex = source[i]
-      boxes, classes = ex["boxes"], ex["classes"]
-      if drop_crowd and "is_crowd" in ex:
-        keep = ~np.asarray(ex["is_crowd"], bool)
-        boxes, classes = np.asarray(boxes)[keep], np.asarray(classes)[keep]
-      return (ex["image"],) + _pad_boxes(boxes, classes, k)
+      return (ex["image"],) + _pad_boxes(ex["boxes"], ex["classes"], k)
 
     first = load(idx)
     second = load(partner) if mix else empty
@@ -296,7 +292,7 @@ def train_dataset(source, *, seed, global_batch_size, start_step=0, size_schedul
 def train_batches(source, *, seed, global_batch_size, start_step=0, size_schedule=608,
                   mixup_schedule=True, max_boxes=50, max_raw_boxes=100, process_index=None,
                   process_count=None, num_steps=None, threads=None, prefetch=2,
-                  drop_crowd=False, fast_decode=True, augment=None) -> Iterator[dict]:
+                  fast_decode=True, augment=None) -> Iterator[dict]:
   """Per-process training batches, a pure function of ``(seed, step)`` (spec §7-§8).
 
   Args:
@@ -319,7 +315,6 @@ def train_batches(source, *, seed, global_batch_size, start_step=0, size_schedul
     num_steps: stop after this many steps (default: infinite).
     threads: ``private_threadpool_size`` (None = TF default; 1 = single core).
     prefetch: batches to prefetch.
-    drop_crowd: drop ``is_crowd`` boxes (official keeps them as targets, spec §8).
     fast_decode: decode JPEGs with the fast integer DCT (see :func:`decode`).
     augment: keyword overrides of :func:`asff_jax.data.transforms.train_transform`
       (``flip_p``, ``expand_p``, ``expand_max_scale``, ``affine_p``, ``min_size``);
@@ -334,37 +329,9 @@ def train_batches(source, *, seed, global_batch_size, start_step=0, size_schedul
                      mixup_schedule=mixup_schedule, max_boxes=max_boxes,
                      max_raw_boxes=max_raw_boxes, process_index=process_index,
                      process_count=process_count, num_steps=num_steps, threads=threads,
-                     prefetch=prefetch, drop_crowd=drop_crowd, fast_decode=fast_decode,
-                     augment=augment)
+                     prefetch=prefetch, fast_decode=fast_decode, augment=augment)
   for batch in ds.as_numpy_iterator():
     yield {"images": batch["images"], "labels": batch["labels"], "step": int(batch["step"][0])}
-
-
-def make_global_batch(local_batch, mesh, sharding=None, *, axis="data"):
-  """Assemble per-process numpy batches into global ``jax.Array`` s.
-
-  Args:
-    local_batch: dict from :func:`train_batches` / :func:`eval_batches`.
-    mesh: ``jax.sharding.Mesh``.
-    sharding: sharding of the batch arrays (default
-      ``NamedSharding(mesh, PartitionSpec(axis))``, i.e. batch dim over ``axis``).
-
-  Returns:
-    Same dict; array leaves are global arrays from
-    ``jax.make_array_from_process_local_data`` (global batch = P x local),
-    python scalars (``'step'``) are passed through.
-  """
-  import jax
-
-  if sharding is None:
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-  out = {}
-  for key, value in local_batch.items():
-    if isinstance(value, np.ndarray) and value.ndim >= 1:
-      out[key] = jax.make_array_from_process_local_data(sharding, value)
-    else:
-      out[key] = value
-  return out
 
 
 # --------------------------------------------------------------------------- #
@@ -396,7 +363,7 @@ def eval_dataset(source, *, size, batch_size, process_index=None, process_count=
     data, iid, ok = tf.numpy_function(read, [e], [tf.string, tf.int64, tf.bool], stateful=False)
     image = decode(data)
     hw = tf.shape(image)[:2]
-    image, _ = T.val_transform(image, size)
+    image = T.val_transform(image, size)
     image = tf.ensure_shape(image, (size, size, 3))
     return {"images": image, "image_ids": tf.ensure_shape(iid, ()),
             "orig_hw": tf.cast(hw, tf.int32), "valid": tf.ensure_shape(ok, ())}
@@ -427,52 +394,8 @@ def eval_batches(source, *, size, batch_size, process_index=None, process_count=
 
 
 # --------------------------------------------------------------------------- #
-# Synthetic source and throughput
+# Throughput
 # --------------------------------------------------------------------------- #
-
-
-class SyntheticSource:
-  """Small in-memory source of synthetic 640x480 JPEGs with boxes (benchmarks, smoke tests).
-
-  Images are smooth colour gradients with filled rectangles and mild noise
-  (JPEG-decoding cost similar to natural photos); each rectangle is a box.
-  Same interface as :mod:`asff_jax.data.sources` sources.
-  """
-
-  def __init__(self, num_images=8, *, height=480, width=640, num_classes=80, seed=0,
-               quality=90):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    self.num_classes = num_classes
-    self.category_ids = list(range(1, num_classes + 1))
-    self.class_names = [f"class_{i}" for i in range(num_classes)]
-    self._items = []
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    for i in range(num_images):
-      base = np.stack([xx / width * 255, yy / height * 255, (xx + yy) / (width + height) * 255], -1)
-      img = base[..., rng.permutation(3)] * rng.uniform(0.5, 1.0)
-      nb = int(rng.integers(1, 8))
-      x1 = rng.uniform(0, width * 0.8, nb)
-      y1 = rng.uniform(0, height * 0.8, nb)
-      x2 = np.minimum(x1 + rng.uniform(16, width * 0.5, nb), width)
-      y2 = np.minimum(y1 + rng.uniform(16, height * 0.5, nb), height)
-      boxes = np.stack([x1, y1, x2, y2], -1).astype(np.float32)
-      for bx in boxes.astype(int):
-        img[bx[1]:bx[3], bx[0]:bx[2]] = rng.uniform(0, 255, 3)
-      img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-      buf = io.BytesIO()
-      Image.fromarray(img).save(buf, "JPEG", quality=quality)
-      self._items.append({
-          "image": buf.getvalue(), "image_id": i + 1, "height": height, "width": width,
-          "boxes": boxes, "classes": rng.integers(0, num_classes, nb).astype(np.int32),
-          "is_crowd": np.zeros(nb, bool)})
-
-  def __len__(self):
-    return len(self._items)
-
-  def __getitem__(self, i):
-    return self._items[int(i)]
 
 
 def measure_throughput(source=None, *, size=608, mixup=True, batch_size=8, num_batches=25,
@@ -491,7 +414,7 @@ def measure_throughput(source=None, *, size=608, mixup=True, batch_size=8, num_b
     load on the machine), their inverses ``per_image_ms`` / ``cpu_ms_per_image``,
     and ``images, seconds, cpu_seconds, threads, size, mixup``.
   """
-  source = SyntheticSource(16) if source is None else source
+  source = synthetic.SyntheticSource(16) if source is None else source
   it = train_batches(source, seed=seed, global_batch_size=batch_size, size_schedule=size,
                      mixup_schedule=mixup, process_index=0, process_count=1, threads=threads,
                      prefetch=1, num_steps=warmup_batches + num_batches, fast_decode=fast_decode)

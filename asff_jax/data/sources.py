@@ -28,16 +28,14 @@ One interface over three kinds of data, chosen by ``dataset.source``:
   The built-in offline dataset: :func:`asff_jax.data.make_digits.ensure_digits`
   at ``dataset.root`` (default ``~/.cache/asff_jax/digits``), then exactly the
   ``'coco_folder'`` path. Splits ``'train'``/``'val'``.
+``'synthetic'``
+  Small in-memory images of coloured rectangles (:mod:`asff_jax.data.synthetic`),
+  for tests and benchmarks.
 
-Config keys (``dataset.<key>``; missing keys take these defaults)
------------------------------------------------------------------
-``source`` ('digits'), ``root`` (None), ``data_dir`` (None: TFDS default
-``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), ``train_split`` ('train'),
-``eval_split`` ('val'), ``use_crowd`` (True), ``max_image_side`` (4096,
-coco_folder/digits), ``tfds_name`` ('coco/2017'), ``eval_gt_json`` (None:
-coco_tfds ground-truth json to use instead of rebuilding it),
-``digits_seed`` (0), ``digits_num_train`` (3000), ``digits_num_val`` (500),
-``digits_workers`` (None).
+Config keys: the ``dataset`` section of :mod:`asff_jax.config` (``source``,
+``root``, ``data_dir``, ``train_split``, ``eval_split``, ``use_crowd``,
+``max_image_side``, ``tfds_name``, ``eval_gt_json``, ``digits_*``,
+``synthetic_*``).
 
 Record format (``source[i]``)
 -----------------------------
@@ -54,8 +52,8 @@ A dict of numpy values:
 * ``classes``: int32 ``(N,)`` in ``0..C-1`` — index of the category id in
   ``category_ids`` (sorted), the official convention.
 * ``is_crowd``: bool ``(N,)``. With ``use_crowd=False`` crowd boxes are removed
-  from the records (they stay in ``eval_gt``). Images without boxes are
-  returned with ``N = 0`` (background images).
+  from the records (they stay in ``eval_gt``) — the one place crowd boxes are
+  dropped. Images without boxes are returned with ``N = 0`` (background images).
 
 Attributes: ``num_classes``, ``category_ids`` (sorted list), ``class_names``
 (in the same order), ``eval_gt`` (coco_folder/digits: path of the cleaned
@@ -64,20 +62,33 @@ rebuilt from the split's records on first access — see
 :meth:`DatasetSource.eval_gt`), ``name``, ``split``, and ``report``
 (coco_folder/digits: the preparation report). Sources are picklable (for
 worker processes).
+
+Errors: a user's mistake (unknown source or split, a missing root, an
+unprepared TFDS dataset, malformed annotations) raises a subclass of
+:class:`asff_jax.errors.UserError` naming the file or key.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import sys
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 from PIL import Image
+from tensorflow_datasets.core import file_adapters
 
+from asff_jax import config as config_lib
 from asff_jax.data import coco_folder as cf
+from asff_jax.data import make_digits, synthetic
+from asff_jax.errors import ConfigError, DataError, MissingFileError
 
 __all__ = ["COCO_CATEGORY_IDS", "COCO_CLASS_NAMES", "DatasetSource", "open_source",
            "convert_command", "convert_to_array_record",
@@ -106,23 +117,6 @@ COCO_CLASS_NAMES = [
     "teddy bear", "hair drier", "toothbrush",
 ]
 assert len(COCO_CATEGORY_IDS) == len(COCO_CLASS_NAMES) == 80
-
-_DEFAULTS = dict(source="digits", root=None, data_dir=None, train_split="train",
-                 eval_split="val", use_crowd=True, max_image_side=cf.DEFAULT_MAX_IMAGE_SIDE,
-                 tfds_name="coco/2017", eval_gt_json=None, digits_seed=0,
-                 digits_num_train=3000, digits_num_val=500, digits_workers=None)
-
-
-def _get(cfg, key):
-  if cfg is None:
-    return _DEFAULTS[key]
-  if isinstance(cfg, dict):
-    return cfg.get(key, _DEFAULTS[key])
-  try:
-    return cfg.get(key, _DEFAULTS[key])  # ml_collections.ConfigDict
-  except AttributeError:
-    return getattr(cfg, key, _DEFAULTS[key])
-
 
 class DatasetSource(Sequence):
   """Random-access records in the common format (see the module docstring).
@@ -185,7 +179,7 @@ class DatasetSource(Sequence):
 
   @property
   def eval_gt(self):
-    """COCO ground truth for :class:`asff_jax.coco_eval.CocoEvaluator`.
+    """COCO ground truth for :class:`asff_jax.evaluation.coco_eval.CocoEvaluator`.
 
     coco_folder / digits: path (str) of the cleaned ``gt.json``.
     coco_tfds: ``dataset.eval_gt_json`` when given; otherwise a COCO dict built
@@ -212,22 +206,18 @@ class DatasetSource(Sequence):
 # ---------------------------------------------------------------------------
 
 def _open_coco_folder(root, split: str, cfg, kind: str) -> DatasetSource:
-  prepared = cf.prepare_coco_folder(root, split, _get(cfg, "data_dir"),
-                                    max_image_side=_get(cfg, "max_image_side"))
+  prepared = cf.prepare_coco_folder(root, split, cfg.data_dir, max_image_side=cfg.max_image_side)
   ds = prepared.data_source()
   cats = prepared.report["categories"]
-  return DatasetSource(ds, kind=kind, name=str(root), split=split,
-                       use_crowd=_get(cfg, "use_crowd"),
+  return DatasetSource(ds, kind=kind, name=str(root), split=split, use_crowd=cfg.use_crowd,
                        category_ids=[c["id"] for c in cats], class_names=[c["name"] for c in cats],
                        eval_gt=str(prepared.gt_path), report=prepared.report)
 
 
 def _open_digits(split: str, cfg) -> DatasetSource:
-  from asff_jax.data.make_digits import ensure_digits
-  root = _get(cfg, "root") or DEFAULT_DIGITS_DIR
-  root = ensure_digits(Path(root).expanduser(), seed=_get(cfg, "digits_seed"),
-                       num_train=_get(cfg, "digits_num_train"),
-                       num_val=_get(cfg, "digits_num_val"), workers=_get(cfg, "digits_workers"))
+  root = make_digits.ensure_digits(Path(cfg.root or DEFAULT_DIGITS_DIR).expanduser(),
+                                   seed=cfg.digits_seed, num_train=cfg.digits_num_train,
+                                   num_val=cfg.digits_num_val, workers=cfg.digits_workers)
   return _open_coco_folder(root, split, cfg, "digits")
 
 
@@ -302,9 +292,6 @@ def convert_to_array_record(version_dir) -> list[Path]:
   Returns:
     The array_record shard paths written.
   """
-  import json
-  import tensorflow as tf
-  from array_record.python import array_record_module
 
   version_dir = Path(version_dir)
   info_path = version_dir / "dataset_info.json"
@@ -333,16 +320,13 @@ def convert_to_array_record(version_dir) -> list[Path]:
 
 
 def _open_coco_tfds(split: str, cfg) -> DatasetSource:
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.core import file_adapters
-
-  name = _get(cfg, "tfds_name")
-  data_dir = _get(cfg, "data_dir")
+  name = cfg.tfds_name
+  data_dir = cfg.data_dir
   if data_dir is not None:
     data_dir = os.fspath(Path(data_dir).expanduser())
   located = tfds.builder(name, data_dir=data_dir)  # only to locate DATA_DIR/name/config/version
   if not Path(located.data_dir).joinpath("dataset_info.json").exists():
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"TFDS dataset {name} is not prepared in {located.data_dir} (data_dir={data_dir!r}). "
         f"This source never downloads: prepare it once with "
         f"`tfds build {name} --data_dir=DATA_DIR --file_format=array_record` (COCO 2017 needs "
@@ -354,7 +338,7 @@ def _open_coco_tfds(split: str, cfg) -> DatasetSource:
   available = builder.info.available_file_formats()
   if not available & random_access:
     cmd = convert_command(builder.data_dir)
-    raise RuntimeError(
+    raise DataError(
         f"TFDS dataset {name} in {builder.data_dir} is stored as "
         f"{sorted(f.value for f in available)}, which has no random access. Convert it once "
         f"(in place, adds array_record files beside the existing ones):\n  {cmd}\n"
@@ -366,7 +350,7 @@ def _open_coco_tfds(split: str, cfg) -> DatasetSource:
   if split not in splits and split == "val" and "validation" in splits:
     tfds_split = "validation"
   if tfds_split not in splits:
-    raise ValueError(f"split {split!r} not in {name}: available {sorted(splits)}")
+    raise ConfigError(f"split {split!r} not in {name}: available {sorted(splits)}")
   fmt = "array_record" if file_adapters.FileFormat.ARRAY_RECORD in available else None
   ds = builder.as_data_source(split=tfds_split, decoders={"image": tfds.decode.SkipDecoding()},
                               file_format=fmt)
@@ -379,10 +363,10 @@ def _open_coco_tfds(split: str, cfg) -> DatasetSource:
   elif len(names) == 80:
     label_to_class = np.arange(80, dtype=np.int64)
   else:
-    raise ValueError(f"{name}: expected 80 object labels, found {len(names)}")
-  eval_gt = _get(cfg, "eval_gt_json")
+    raise DataError(f"{name}: expected 80 object labels, found {len(names)}")
+  eval_gt = cfg.eval_gt_json
   return DatasetSource(ds, kind="coco_tfds", name=name, split=tfds_split,
-                       use_crowd=_get(cfg, "use_crowd"), category_ids=COCO_CATEGORY_IDS,
+                       use_crowd=cfg.use_crowd, category_ids=COCO_CATEGORY_IDS,
                        class_names=COCO_CLASS_NAMES,
                        eval_gt=os.fspath(eval_gt) if eval_gt else None,
                        label_to_class=label_to_class)
@@ -390,48 +374,55 @@ def _open_coco_tfds(split: str, cfg) -> DatasetSource:
 
 # ---------------------------------------------------------------------------
 
-def open_source(dataset_cfg, split: str) -> DatasetSource:
+def open_source(dataset_cfg, split: str, *, num_classes: Optional[int] = None):
   """Open ``split`` of the dataset described by ``dataset_cfg`` (``config.dataset``).
 
   Args:
-    dataset_cfg: ``ml_collections.ConfigDict``, dict or attribute object with
-      the keys listed in the module docstring (missing keys take defaults).
+    dataset_cfg: the ``dataset`` section of a full config (:mod:`asff_jax.config`), or a
+      plain dict of some of its keys (the others take the schema's defaults).
     split: split name, e.g. ``config.dataset.train_split``.
+    num_classes: the class count of a ``'synthetic'`` source (``model.num_classes``).
 
   Returns:
-    :class:`DatasetSource`.
+    :class:`DatasetSource` (or a :class:`~asff_jax.data.synthetic.SyntheticSource`).
 
   Raises:
-    ValueError: unknown ``source`` or split; ``root`` missing for coco_folder.
+    ConfigError: unknown ``source`` or split; ``root`` missing for coco_folder.
     asff_jax.data.coco_folder.CocoFormatError: malformed annotation json.
-    FileNotFoundError / RuntimeError: coco_tfds not prepared / not array_record.
+    MissingFileError / DataError: coco_tfds not prepared / not array_record.
   """
-  source = _get(dataset_cfg, "source")
+  if isinstance(dataset_cfg, dict):
+    dataset_cfg = config_lib.merge_config({"dataset": dataset_cfg}).dataset
+  source = dataset_cfg.source
   if source == "coco_folder":
-    root = _get(dataset_cfg, "root")
-    if not root:
-      raise ValueError("dataset.source='coco_folder' needs dataset.root (a COCO-layout folder)")
-    return _open_coco_folder(Path(root).expanduser(), split, dataset_cfg, "coco_folder")
+    if not dataset_cfg.root:
+      raise ConfigError("dataset.source='coco_folder' needs dataset.root (a COCO-layout folder): "
+                        "--config.dataset.root=DIR")
+    return _open_coco_folder(Path(dataset_cfg.root).expanduser(), split, dataset_cfg, "coco_folder")
   if source == "digits":
     return _open_digits(split, dataset_cfg)
   if source == "coco_tfds":
     return _open_coco_tfds(split, dataset_cfg)
-  raise ValueError(f"unknown dataset.source {source!r}: expected 'coco_folder', 'coco_tfds' "
-                   f"or 'digits'")
+  if source == "synthetic":
+    return synthetic.open_synthetic(dataset_cfg, split, 80 if num_classes is None else num_classes)
+  raise ConfigError(f"unknown dataset.source {source!r}: expected 'coco_folder', 'coco_tfds', "
+                    "'digits' or 'synthetic'")
 
 
 def main(argv=None) -> int:
-  import argparse
-  p = argparse.ArgumentParser(description="asff_jax dataset sources utilities.")
-  sub = p.add_subparsers(dest="cmd", required=True)
-  c = sub.add_parser("convert", help="in-place tfrecord -> array_record conversion (no Beam)")
-  c.add_argument("version_dir")
-  args = p.parse_args(argv)
-  if args.cmd == "convert":
-    convert_to_array_record(args.version_dir)
-  return 0
+  """``python -m asff_jax.data.sources convert VERSION_DIR``: the Beam-free array_record conversion."""
+  from asff_jax import cli  # pylint: disable=import-outside-toplevel  (cli sits above data/)
+
+  args = list(sys.argv[1:] if argv is None else argv)
+  positional = [a for a in args if not a.startswith("--")]
+
+  def run(_f):
+    if len(positional) != 2 or positional[0] != "convert":
+      raise cli.UserError("usage: python -m asff_jax.data.sources convert VERSION_DIR")
+    convert_to_array_record(positional[1])
+
+  return cli.run(run, "asff_jax.data.sources", [a for a in args if a.startswith("--")])
 
 
 if __name__ == "__main__":
-  import sys
   sys.exit(main())

@@ -24,7 +24,7 @@ Conventions
 * ``seed``: ``(2,)`` int32/int64 tensor (or list), as for ``tf.random.stateless_*``.
 * Output labels (:func:`to_labels`): ``(max_boxes, 6)`` float32 rows
   ``[class, cx, cy, w, h, weight]`` in input pixels, zero rows at the end only
-  (spec §6; consumed by :mod:`asff_jax.targets`).
+  (spec §6; consumed by :mod:`asff_jax.models.targets`).
 
 Ops (official TrainTransform order, spec §8; official mixup runs first, §7)
 ------------------------------------------------------------------------
@@ -75,6 +75,7 @@ from __future__ import annotations
 import functools
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
@@ -591,7 +592,6 @@ def normalize_jax(images):
   ``(..., 3)`` array in [0, 255] (any dtype) → float32. Used where the
   normalisation runs inside a jitted function (export, backbone pre-training).
   """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   _, _, scale, bias = _norm_tables()
   return jnp.asarray(images).astype(jnp.float32) * scale - bias
@@ -791,11 +791,7 @@ def val_transform(image, size):
     image: ``(H, W, 3)`` uint8 or float32 [0, 255] RGB; size: int.
 
   Returns:
-    ``(image (S, S, 3) float32, scale (2,) float32 = [S / W, S / H])``;
-    predicted boxes in input pixels map back to the original image by
-    dividing x by ``scale[0]`` and y by ``scale[1]``.
+    ``(S, S, 3)`` float32. Predicted boxes in input pixels map back to the
+    original image with :func:`asff_jax.boxes.rescale_boxes` ``(boxes, (S, S), (H, W))``.
   """
-  h, w = _hw(image)
-  sf = tf.cast(size, tf.float32)
-  scale = tf.stack([sf / tf.cast(w, tf.float32), sf / tf.cast(h, tf.float32)])
-  return normalize(resize_image(image, size, "bilinear")), scale
+  return normalize(resize_image(image, size, "bilinear"))

@@ -1,15 +1,24 @@
-"""Detector models. Entry point: :func:`create_model`."""
+"""Detector models (backbone → neck → fusion → head), their targets and loss.
+
+Entry point: :func:`create_model` builds the Flax detector from ``config.model``
+(:mod:`asff_jax.config`). Modules, in the paper's order: ``layers`` (shared
+blocks), ``darknet``, ``neck``, ``fusion``, ``head`` (+ ``dcn``), ``detector``;
+then ``targets`` and ``losses`` (the official training loss).
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from asff_jax.config import default_model_config
+from asff_jax.errors import ConfigError
 from asff_jax.models.config import (ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES, YOLOV3_ANCHORS,
-                                    default_model_config, resolve_anchors)
-from asff_jax.models.detector import YOLOv3
+                                    resolve_anchors)
 from asff_jax.models.dcn import FORMULATIONS
-from asff_jax.models.head import CLASS_HEADS
+from asff_jax.models.detector import YOLOv3
 from asff_jax.models.fusion import FUSIONS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,21 +37,16 @@ def create_model(config) -> YOLOv3:
   :class:`~asff_jax.models.detector.YOLOv3` (``'pred'``, ``'levels'``, ...).
 
   Raises:
-    ValueError: for an unknown fusion, dtype or anchor set.
+    ConfigError: for an unknown fusion, dtype, deformable-conv formulation or anchor set.
   """
   m = model_config(config)
   if m.fusion not in FUSIONS:
-    raise ValueError(f"model.fusion must be one of {FUSIONS}, got {m.fusion!r}")
-  if m.get("dcn_formulation", "corners") not in FORMULATIONS:
-    raise ValueError(f"model.dcn_formulation must be one of {FORMULATIONS}, "
-                     f"got {m.dcn_formulation!r}")
-  if m.get("class_head", "per_slot") not in CLASS_HEADS:
-    raise ValueError(f"model.class_head must be one of {CLASS_HEADS}, got {m.class_head!r}")
+    raise ConfigError(f"model.fusion must be one of {FUSIONS}, got {m.fusion!r}")
+  if m.dcn_formulation not in FORMULATIONS:
+    raise ConfigError(f"model.dcn_formulation must be one of {FORMULATIONS}, got {m.dcn_formulation!r}")
   if m.dtype not in _DTYPES:
-    raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, got {m.dtype!r}")
-  compress_c = m.get("compress_c", None)
-  if compress_c is None:
-    compress_c = 8 if m.rfb else 16
+    raise ConfigError(f"model.dtype must be one of {tuple(_DTYPES)}, got {m.dtype!r}")
+  compress_c = m.compress_c if m.compress_c is not None else (8 if m.rfb else 16)
   return YOLOv3(
       num_classes=int(m.num_classes),
       fusion=m.fusion,
@@ -52,14 +56,8 @@ def create_model(config) -> YOLOv3:
       width=float(m.width),
       stage_blocks=tuple(int(b) for b in m.stage_blocks),
       dtype=_DTYPES[m.dtype],
-      obj_bias_prior=m.get("obj_bias_prior", None),
-      dcn_formulation=str(m.get("dcn_formulation", "corners")),
-      class_head=str(m.get("class_head", "per_slot")),
+      dcn_formulation=str(m.dcn_formulation),
   )
-
-
-__all__ = ["create_model", "default_model_config", "model_config", "YOLOv3", "FUSIONS",
-           "ANCHOR_MASKS", "STRIDES", "OFFICIAL_ANCHORS", "YOLOV3_ANCHORS", "resolve_anchors"]
 
 
 def random_variables(model, input_hw=(64, 64), seed: int = 0) -> dict:
@@ -70,9 +68,6 @@ def random_variables(model, input_hw=(64, 64), seed: int = 0) -> dict:
   stand-ins for trained weights in tests and benchmarks (full-width models in
   about a second, where ``init`` takes tens of seconds to compile on CPU).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_hw, 3), jnp.float32))
   rng = np.random.default_rng(seed)
 
@@ -86,3 +81,8 @@ def random_variables(model, input_hw=(64, 64), seed: int = 0) -> dict:
     return (rng.standard_normal(sds.shape) * np.sqrt(1.0 / max(fan_in, 1))).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+__all__ = ["create_model", "default_model_config", "model_config", "random_variables", "YOLOv3",
+           "FUSIONS", "ANCHOR_MASKS", "STRIDES", "OFFICIAL_ANCHORS", "YOLOV3_ANCHORS",
+           "resolve_anchors"]

@@ -1,13 +1,18 @@
 """The full detector: Darknet-53 → neck → fusion → guided-anchor heads → decoded ``pred``.
 
 One module assembled from the config (``config.model``, see
-:mod:`asff_jax.models.config`) covers the official baseline, ASFF, ASFF* and
-the Table 3 sum/concat variants.
+:mod:`asff_jax.config`) covers the official baseline, ASFF, ASFF* and the
+Table 3 sum/concat variants. Besides ``__call__`` it exposes its two stages,
+so that tools such as :mod:`asff_jax.tools.probes` cut the model at the fusion
+inputs with the model's own layers and options::
+
+    xs = model.apply(variables, images, train, method=YOLOv3.features)        # (x^0, x^1, x^2)
+    fused, head = model.apply(variables, l, xs, train, method=YOLOv3.level)   # y^l and its head
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,7 +20,7 @@ import jax.numpy as jnp
 from asff_jax.models.config import ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES
 from asff_jax.models.darknet import OFFICIAL_STAGE_BLOCKS, Darknet53
 from asff_jax.models.fusion import LevelFusion
-from asff_jax.models.head import GuidedAnchorHead, decode_level, level_anchor_bases
+from asff_jax.models.head import GuidedAnchorHead, decode_level, level_anchor_bases, pred_rows
 from asff_jax.models.neck import YoloNeck
 
 
@@ -28,7 +33,7 @@ class YOLOv3(nn.Module):
     rfb: RFB in the heads (ASFF*).
     compress_c: ASFF weight-conv channels (16; 8 with RFB).
     anchors: 9 prior (w, h) pairs in input pixels.
-    width, stage_blocks, dtype: see :mod:`asff_jax.models.config`.
+    width, stage_blocks, dtype, dcn_formulation: see :mod:`asff_jax.config` (``model`` section).
 
   ``__call__(images, train=False, dropblock=None)``:
 
@@ -52,6 +57,9 @@ class YOLOv3(nn.Module):
   * ``'backbone'``: (C3, C4, C5); ``'neck'``: (P5, P4, P3).
 
   Everything is returned; under ``jax.jit`` unused outputs cost nothing.
+
+  Raises:
+    ValueError: images not ``(B, H, W, 3)`` or H, W not multiples of 32.
   """
 
   num_classes: int = 80
@@ -62,35 +70,52 @@ class YOLOv3(nn.Module):
   width: float = 1.0
   stage_blocks: Sequence[int] = OFFICIAL_STAGE_BLOCKS
   dtype: Any = jnp.float32
-  obj_bias_prior: Optional[float] = None  # see models.head.objectness_bias_init (not official)
-  dcn_formulation: str = "corners"  # see models.dcn.deform_conv2d (same values)
-  class_head: str = "per_slot"  # see models.head (``'shared'`` is not official)
+  dcn_formulation: str = "corners"
 
-  @nn.compact
-  def __call__(self, images, train: bool = False, dropblock=None):
+  def setup(self):
+    self.backbone = Darknet53(self.width, self.stage_blocks, self.dtype)
+    self.neck = YoloNeck(self.width, self.dtype)
+    fusion = lambda l: LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype)
+    head = lambda: GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, self.dcn_formulation)
+    # Explicit attribute names: they are the parameter-tree names (fusion_l, head_l).
+    self.fusion_0, self.fusion_1, self.fusion_2 = fusion(0), fusion(1), fusion(2)
+    self.head_0, self.head_1, self.head_2 = head(), head(), head()
+
+  def backbone_and_neck(self, images, train: bool = False, dropblock=None):
+    """``(B, H, W, 3)`` → ``(C3, C4, C5)`` and the neck outputs ``(P5, P4, P3)`` = (x^0, x^1, x^2)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
     if images.shape[1] % 32 or images.shape[2] % 32:
       raise ValueError(f"input height and width must be multiples of 32, got {images.shape[1:3]}")
-    x = images.astype(self.dtype)
-    feats = Darknet53(self.width, self.stage_blocks, self.dtype, name="backbone")(x, train)
-    neck = YoloNeck(self.width, self.dtype, name="neck")(feats, train, dropblock)
+    feats = self.backbone(images.astype(self.dtype), train)
+    return feats, self.neck(feats, train, dropblock)
+
+  def features(self, images, train: bool = False, dropblock=None):
+    """The fusion inputs x^0, x^1, x^2 (= the neck outputs P5, P4, P3) of ``images``."""
+    return self.backbone_and_neck(images, train, dropblock)[1]
+
+  def level(self, l: int, xs, train: bool = False):
+    """Fusion and head of level ``l`` from the fusion inputs ``xs``.
+
+    Returns ``(fused, head)``: the fusion dict (``'out'`` = y^l, and for ASFF
+    ``'weights'`` (α, β, γ) and ``'fused_sum'``) and the head dict of
+    :class:`~asff_jax.models.head.GuidedAnchorHead`.
+    """
+    fused = (self.fusion_0, self.fusion_1, self.fusion_2)[l](xs, train)
+    head = (self.head_0, self.head_1, self.head_2)[l](fused["out"])
+    return fused, head
+
+  def __call__(self, images, train: bool = False, dropblock=None):
+    feats, neck = self.backbone_and_neck(images, train, dropblock)
     levels, preds = [], []
     for l in range(3):
-      fused = LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype,
-                          name=f"fusion_{l}")(neck, train)
-      head = GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, self.obj_bias_prior,
-                              self.dcn_formulation, self.class_head, name=f"head_{l}")(fused["out"])
+      fused, head = self.level(l, neck, train)
       head["head_input"] = fused["out"]
       if "weights" in fused:
         head["fusion_weights"] = fused["weights"]
         head["fused_sum"] = fused["fused_sum"]
       bases = level_anchor_bases(self.anchors, ANCHOR_MASKS[l], STRIDES[l])
-      preds.append(decode_level(head["raw"], head["guide_wh"], stride=STRIDES[l], anchor_bases=bases))
+      preds.append(pred_rows(decode_level(head["raw"], head["guide_wh"], stride=STRIDES[l],
+                                          anchor_bases=bases)))
       levels.append(head)
-    return {
-        "pred": jnp.concatenate(preds, axis=1),
-        "levels": levels,
-        "backbone": feats,
-        "neck": neck,
-    }
+    return {"pred": jnp.concatenate(preds, axis=1), "levels": levels, "backbone": feats, "neck": neck}

@@ -3,7 +3,7 @@
 All modules are ``flax.linen``, NHWC, and take ``train`` explicitly. Parameters
 are float32; ``dtype`` is the compute dtype (``jnp.bfloat16`` for mixed
 precision). Submodule names follow the official PyTorch names where one exists
-(``conv``, ``batch_norm``) so that :mod:`asff_jax.convert` maps them by rule.
+(``conv``, ``batch_norm``) so that :mod:`asff_jax.tools.convert` maps them by rule.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+logger = logging.getLogger("asff_jax")
 DATA_AXIS = "data"
 
 # Environment variables that mean "a cluster manager launched us as one of several
@@ -148,13 +149,13 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
     True if ``jax.distributed.initialize`` was called.
   """
   if coordinator_address or num_processes is not None or process_id is not None:
-    logging.info("jax.distributed.initialize(%s, num_processes=%s, process_id=%s)",
+    logger.info("jax.distributed.initialize(%s, num_processes=%s, process_id=%s)",
                  coordinator_address, num_processes, process_id)
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return True
   if looks_like_managed_cluster(environ):
-    logging.info("managed cluster detected: jax.distributed.initialize() with auto-detection")
+    logger.info("managed cluster detected: jax.distributed.initialize() with auto-detection")
     jax.distributed.initialize()
     return True
   return False

@@ -13,12 +13,11 @@ positives, all weights 1), and the levels are summed:
   ``pw`` the *predicted* guided anchor of the responsible slot;
 * ``l1``     = xy + wh;
 * ``obj``    = Σ obj_mask·BCEWithLogits(t_obj; 1 at positives, else 0);
-* ``cls``    = Σ_positives BCEWithLogits(t_cls; class targets) (with the
-  ``cls_center_radius`` option, Σ over ``cls_mask`` instead);
+* ``cls``    = Σ_positives BCEWithLogits(t_cls; class targets);
 * ``total``  = anchor + iou + l1 + obj + cls.
 
 tgt_scale = 2 − w·h/(input_w·input_h) at positives (0 elsewhere). Targets are
-built by :mod:`asff_jax.targets`. All computation is float32; boxes are in grid
+built by :mod:`asff_jax.models.targets`. All computation is float32; boxes are in grid
 units of the level (see ``targets``), which leaves every term unchanged up to
 float rounding.
 
@@ -43,25 +42,22 @@ Official quirks reproduced
   mixup weight) even when its own prediction was ignored (quirk 4).
 
 Extension (off by default): ``adjacent_ignore_eps`` — the paper's adjacent
-ignore regions (Sec. 3.3, Table 2), see :func:`asff_jax.targets.adjacent_ignore_mask`.
+ignore regions (Sec. 3.3, Table 2), see :func:`asff_jax.models.targets.adjacent_ignore_mask`.
 It only changes ``obj``.
-
-Extension (off by default, not in the paper or the official code):
-``cls_center_radius`` — dense class supervision at every slot of the cells
-around each GT centre (:func:`asff_jax.targets.class_region`). It only changes
-``cls``: more class terms per object, objectness and boxes untouched.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from asff_jax import boxes as box_lib
-from asff_jax import targets as tgt_lib
-from asff_jax.targets import ANCHORS, ANCHOR_MASKS
+from asff_jax.config import default_loss_config
+from asff_jax.models import targets as tgt_lib
+from asff_jax.models.head import NUM_SLOTS
+from asff_jax.models.targets import ANCHOR_MASKS, ANCHORS
 
 COMPONENTS = ("anchor", "iou", "l1", "xy", "wh", "obj", "cls", "total")
 STATS = ("num_pos", "cls_correct")
@@ -83,8 +79,8 @@ def bce_with_logits(logits, targets):
 def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
                anchors=ANCHORS, anchor_masks=ANCHOR_MASKS, ignore_thre: float = 0.7,
                label_smoothing: bool = True, detach_anchor_targets: bool = False,
-               adjacent_ignore_eps=None, cls_center_radius=None,
-               return_targets: bool = False, return_stats: bool = False):
+               adjacent_ignore_eps=None, return_targets: bool = False,
+               return_stats: bool = False):
   """Official loss of one level (spec §6).
 
   Args:
@@ -101,9 +97,7 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
     detach_anchor_targets: ``stop_gradient`` on the predicted anchor inside the
       wh targets (the official code does not detach; default False).
     adjacent_ignore_eps: None (off) or float >= 0 (paper Table 2 ignore regions).
-    cls_center_radius: None (official) or int >= 0: dense class supervision
-      (see :func:`asff_jax.targets.class_region`; not in the paper or the official code).
-    return_targets: also return the :class:`~asff_jax.targets.LevelTargets`.
+    return_targets: also return the :class:`~asff_jax.models.targets.LevelTargets`.
     return_stats: also the counts ``STATS`` (float32 scalars, not divided by B;
       with several target classes at a slot, the largest target counts).
 
@@ -126,8 +120,7 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
   t = tgt_lib.assign_level(labels, dec, level=level, num_classes=num_classes,
                            input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks,
                            ignore_thre=ignore_thre, label_smoothing=label_smoothing,
-                           adjacent_ignore_eps=adjacent_ignore_eps,
-                           cls_center_radius=cls_center_radius)
+                           adjacent_ignore_eps=adjacent_ignore_eps)
   batch = raw.shape[0]
   out = dec["out"]
   pos = t.positive
@@ -138,7 +131,7 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
   # the exponentials are taken of inputs zeroed where the terms are masked out.
   sel = (pos | t.anchor_mask)[..., None]
   b_, h_, w_ = raw.shape[:3]
-  g_safe = jnp.where(sel, guide_wh.reshape(b_, h_, w_, tgt_lib.NUM_SLOTS, 2), 0.0)
+  g_safe = jnp.where(sel, guide_wh.reshape(b_, h_, w_, NUM_SLOTS, 2), 0.0)
   out_safe = out.at[..., 2:4].set(jnp.where(sel, out[..., 2:4], 0.0))
   safe = tgt_lib.decode_level(out_safe.reshape(raw.shape), g_safe.reshape(guide_wh.shape),
                               level=level, input_hw=input_hw, anchors=anchors,
@@ -173,13 +166,12 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
   return (comp, t) if return_targets else comp
 
 
-def _cfg(cfg: Any, key: str, default):
-  """Read ``key`` from a dict / ml_collections ConfigDict / attribute object."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
+def level_loss_settings(loss_config=None) -> dict:
+  """The :func:`level_loss` keyword settings of a ``config.loss`` section (None: the official ones)."""
+  c = default_loss_config() if loss_config is None else loss_config
+  return dict(label_smoothing=bool(c["label_smoothing"]), ignore_thre=float(c["ignore_thre"]),
+              detach_anchor_targets=bool(c["detach_anchor_targets"]),
+              adjacent_ignore_eps=c["adjacent_ignore_eps"])
 
 
 def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=None,
@@ -190,10 +182,8 @@ def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=
     levels: 3 dicts (levels 0, 1, 2 = strides 32, 16, 8) with ``'raw'``
       ``(B, H, W, 4*(5+C))`` and ``'guide_wh'`` ``(B, H, W, 8)``.
     labels: ``(B, N, 5|6)`` input pixels (see :func:`level_loss`).
-    loss_config: dict / ConfigDict with optional keys ``label_smoothing``
-      (default True), ``ignore_thre`` (0.7), ``detach_anchor_targets`` (False),
-      ``adjacent_ignore_eps`` (None), ``cls_center_radius`` (None), the
-      ``*_weight`` multipliers. Values must be static Python values.
+    loss_config: a ``config.loss`` section (:func:`asff_jax.config.default_loss_config`;
+      None = the official settings). Values must be static Python values.
     num_classes: C. input_hw: ``(input_h, input_w)`` pixels.
 
   Returns:
@@ -205,52 +195,19 @@ def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=
   """
   if len(levels) != 3:
     raise ValueError(f"expected 3 levels, got {len(levels)}")
-  kw = dict(
-      label_smoothing=bool(_cfg(loss_config, "label_smoothing", True)),
-      ignore_thre=float(_cfg(loss_config, "ignore_thre", 0.7)),
-      detach_anchor_targets=bool(_cfg(loss_config, "detach_anchor_targets", False)),
-      adjacent_ignore_eps=_cfg(loss_config, "adjacent_ignore_eps", None),
-      cls_center_radius=_cfg(loss_config, "cls_center_radius", None))
+  c = default_loss_config() if loss_config is None else loss_config
+  kw = level_loss_settings(c)
   per = [level_loss(lv["raw"], lv["guide_wh"], labels, level=l, num_classes=num_classes,
                     input_hw=input_hw, anchors=anchors, anchor_masks=anchor_masks,
                     return_stats=True, **kw)
          for l, lv in enumerate(levels)]
   aux = {k: jnp.stack([p[k] for p in per]) for k in COMPONENTS + STATS}
-  weights = {k: float(_cfg(loss_config, f"{k}_weight", 1.0)) for k in ("anchor", "iou", "l1", "obj", "cls")}
+  weights = {k: float(c[f"{k}_weight"]) for k in ("anchor", "iou", "l1", "obj", "cls")}
   if all(w == 1.0 for w in weights.values()):
     total = jnp.sum(aux["total"])  # official: the plain sum
   else:
     total = sum(w * jnp.sum(aux[k]) for k, w in weights.items())
   return total, aux
-
-
-def default_loss_config():
-  """``config.loss`` defaults: the official settings (spec §6, cfg ``LABAL_SMOOTH``/``IGNORETHRE``).
-
-  * ``label_smoothing`` True — positive class target 1 − 1/C, negatives 1/C.
-  * ``ignore_thre`` 0.7 — objectness ignored where a prediction's best IoU with a GT exceeds it.
-  * ``detach_anchor_targets`` False — the official non-detached wh targets (see module docstring);
-    True stops the wh-L1 gradient into ``guide_wh`` through the target.
-  * ``adjacent_ignore_eps`` None — off; a float ≥ 0 enables the paper's Table 2 adjacent ignore
-    (0 = centre location only).
-  * ``cls_center_radius`` None — official (class loss at positives only); an int r ≥ 0 also
-    trains the class logits at every slot of the cells within r of each GT centre that overlap
-    its box (:func:`asff_jax.targets.class_region`; not in the paper or the official code).
-  * ``anchor_weight``, ``iou_weight``, ``l1_weight``, ``obj_weight``, ``cls_weight`` 1.0 —
-    multipliers of the components in the total (official: all 1, the plain sum). The
-    per-component values in ``aux`` stay unweighted.
-  """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-
-  c = ml_collections.ConfigDict()
-  c.label_smoothing = True
-  c.ignore_thre = 0.7
-  c.detach_anchor_targets = False
-  c.adjacent_ignore_eps = ml_collections.config_dict.placeholder(float)
-  c.cls_center_radius = ml_collections.config_dict.placeholder(int)
-  for k in ("anchor", "iou", "l1", "obj", "cls"):
-    c[f"{k}_weight"] = 1.0
-  return c
 
 
 def loss_fn(variables, images, labels, *, model, config, train: bool = True, rng=None,
@@ -263,8 +220,7 @@ def loss_fn(variables, images, labels, *, model, config, train: bool = True, rng
     labels: ``(B, max_boxes, 5)`` ``[class, cx, cy, w, h]`` in input pixels,
       zero rows at the end, or ``(B, max_boxes, 6)`` with a per-box mixup weight.
     model: the module from :func:`asff_jax.models.create_model`.
-    config: full config; ``config.loss`` (see :func:`default_loss_config`) is
-      read if present, defaults otherwise. Static Python values.
+    config: full config (its ``loss`` section is used). Static Python values.
     train: batch statistics in BN (official training mode) and DropBlock.
     rng: PRNG key for DropBlock (needed only when ``dropblock`` is active).
     dropblock: None or three ``(block_size, keep_prob)`` (schedule, spec §7).
@@ -275,7 +231,6 @@ def loss_fn(variables, images, labels, *, model, config, train: bool = True, rng
     'total'`` and the counts ``STATS`` to ``(3,)`` per-level arrays (level 0 = stride 32), and
     ``'batch_stats'`` to the updated statistics (unchanged when ``train=False``).
   """
-  loss_config = config.get("loss", None) if hasattr(config, "get") else None
   rngs = {"dropblock": rng} if rng is not None else None
   if train:
     out, updates = model.apply(variables, images, train=True, dropblock=dropblock,
@@ -284,7 +239,7 @@ def loss_fn(variables, images, labels, *, model, config, train: bool = True, rng
   else:
     out = model.apply(variables, images, train=False)
     batch_stats = variables.get("batch_stats", {})
-  total, aux = head_loss(out["levels"], labels, loss_config=loss_config,
+  total, aux = head_loss(out["levels"], labels, loss_config=config.loss,
                          num_classes=model.num_classes, input_hw=images.shape[1:3],
                          anchors=model.anchors)
   aux = dict(aux)

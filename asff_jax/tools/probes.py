@@ -31,58 +31,44 @@ training); batch-statistic updates are discarded.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asff_jax.losses import level_loss
 from asff_jax.models.config import ANCHOR_MASKS
-from asff_jax.models.darknet import Darknet53
-from asff_jax.models.fusion import LevelFusion
-from asff_jax.models.head import GuidedAnchorHead
-from asff_jax.models.neck import YoloNeck
-
-
-def _sub(variables: Mapping[str, Any], name: str) -> dict:
-  return {c: tree[name] for c, tree in variables.items() if name in tree}
-
-
-def _apply(module, variables, *args, train: bool):
-  if train:
-    out, _ = module.apply(variables, *args, train=train, mutable=["batch_stats"])
-    return out
-  return module.apply(variables, *args, train=train)
+from asff_jax.models.detector import YOLOv3
+from asff_jax.models.losses import level_loss, level_loss_settings
 
 
 class SplitModel:
-  """The detector cut at the fusion inputs: ``features(images)`` → (x^0, x^1, x^2),
-  ``level(l, xs)`` → (y^l, head outputs). Same parameters as the full model.
+  """The detector cut at the fusion inputs, with the model's own stages and every model option.
+
+  ``features(images)`` → (x^0, x^1, x^2) (:meth:`YOLOv3.features`);
+  ``level(l, xs)`` → (fusion dict with ``'out'`` = y^l, head dict)
+  (:meth:`YOLOv3.level`). Same parameters as the full model; in training mode
+  BN uses batch statistics and the updates are discarded.
 
   ``model`` is a :class:`~asff_jax.models.detector.YOLOv3`; ``variables`` its variables.
   """
 
   def __init__(self, model, variables, train: bool = True):
     self.model, self.variables, self.train = model, variables, train
-    self._backbone = Darknet53(model.width, model.stage_blocks, model.dtype)
-    self._neck = YoloNeck(model.width, model.dtype)
-    self._fusion = [LevelFusion(l, model.fusion, model.compress_c, model.width, model.dtype)
-                    for l in range(3)]
-    self._head = GuidedAnchorHead(model.num_classes, model.rfb, model.dtype)
+
+  def _apply(self, *args, method):
+    if self.train:
+      out, _ = self.model.apply(self.variables, *args, mutable=["batch_stats"], method=method)
+      return out
+    return self.model.apply(self.variables, *args, method=method)
 
   def features(self, images):
     """``(B, H, W, 3)`` → the neck outputs (x^0, x^1, x^2) = (P5, P4, P3)."""
-    v = self.variables
-    feats = _apply(self._backbone, _sub(v, "backbone"), images.astype(self.model.dtype), train=self.train)
-    return tuple(_apply(self._neck, _sub(v, "neck"), feats, train=self.train))
+    return tuple(self._apply(images, self.train, method=YOLOv3.features))
 
   def level(self, l: int, xs):
     """Fusion and head of level l: returns (fusion dict with 'out' = y^l, head dict)."""
-    v = self.variables
-    fused = _apply(self._fusion[l], _sub(v, f"fusion_{l}"), xs, train=self.train)
-    head = self._head.apply(_sub(v, f"head_{l}"), fused["out"])
-    return fused, head
+    return self._apply(l, xs, self.train, method=YOLOv3.level)
 
 
 def decompose_gradients(model, variables, images, labels, *, loss_config=None, train: bool = True):
@@ -93,7 +79,7 @@ def decompose_gradients(model, variables, images, labels, *, loss_config=None, t
     variables: its variables.
     images: ``(B, H, W, 3)`` normalised input.
     labels: ``(B, max_boxes, 5|6)`` in input pixels (loss format).
-    loss_config: ``config.loss`` (label_smoothing, ignore_thre, ...).
+    loss_config: ``config.loss`` (None: the official settings).
     train: run BN in training mode (default, as during training).
 
   Returns:
@@ -104,13 +90,8 @@ def decompose_gradients(model, variables, images, labels, *, loss_config=None, t
   """
   split = SplitModel(model, variables, train=train)
   xs = split.features(images)
-  cfg = loss_config if loss_config is not None else {}
-  get = lambda k, d: cfg.get(k, d) if hasattr(cfg, "get") else d
   kw = dict(num_classes=model.num_classes, input_hw=images.shape[1:3], anchors=model.anchors,
-            anchor_masks=ANCHOR_MASKS, ignore_thre=float(get("ignore_thre", 0.7)),
-            label_smoothing=bool(get("label_smoothing", True)),
-            detach_anchor_targets=bool(get("detach_anchor_targets", False)),
-            adjacent_ignore_eps=get("adjacent_ignore_eps", None))
+            anchor_masks=ANCHOR_MASKS, **level_loss_settings(loss_config))
   contrib = [[None] * 3 for _ in range(3)]
   losses, positives, weights = [], [], []
   for l in range(3):

@@ -28,7 +28,7 @@ Keys:
   - ``'official_nowd'``: the official ``--nowd`` rule, decay only on parameters
     whose *official PyTorch name* contains ``"conv.weight"``. The Flax path of
     each parameter is mapped to its official name with
-    :func:`asff_jax.convert.official_module_name`, so this is exact for the
+    :func:`asff_jax.tools.convert.official_module_name`, so this is exact for the
     official variants: the kernels of ``add_conv`` blocks (module ``…/conv``),
     the head's output conv (``head_l/conv``) and the deformable conv
     (``dconv.weight`` contains the substring); **not** decayed are the ASFF
@@ -69,74 +69,53 @@ epoch, t = global step and e = t // E:
 ``name='warmup_cosine'``: linear warm-up from 0 to base over
 ``warmup_epochs``, then per-step cosine to ``min_lr`` at ``num_train_steps``.
 ``name='constant'``: base everywhere.
+
+Short runs (:mod:`asff_jax.config`, "Short runs"): the official schedule's
+epoch boundaries are multiplied by :func:`asff_jax.config.schedule_scale`
+(E becomes a fractional number of steps), and the warm-up of
+``warmup_cosine`` is cut to :func:`asff_jax.config.warmup_steps`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
+from asff_jax import config as config_lib
+from asff_jax.errors import ConfigError
+from asff_jax.models.official_names import official_module_name
+
 Schedule = Callable[[Any], jax.Array]
-
-
-def default_optimizer_config() -> ml_collections.ConfigDict:
-  """``config.optimizer`` with the official values (spec §7)."""
-  c = ml_collections.ConfigDict()
-  c.name = "sgd"
-  c.lr = 0.001
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 5e-4
-  c.weight_decay_on = "all"  # 'all' (official) | 'official_nowd' (--nowd) | 'kernels'
-  c.lr_scaling = "none"  # 'none' (official) | 'linear' (lr · batch_size / reference_batch_size)
-  c.reference_batch_size = 64
-  c.ema_decay = 0.0  # 0 = no EMA (official)
-  c.b1 = 0.9  # adamw only
-  c.b2 = 0.999  # adamw only
-  c.clip_grad_norm = 0.0  # > 0: clip the global gradient norm first (0 = off, official)
-  return c
-
-
-def default_schedule_config() -> ml_collections.ConfigDict:
-  """``config.schedule`` with the official values (spec §7); boundaries in epochs."""
-  c = ml_collections.ConfigDict()
-  c.name = "official"  # 'official' | 'warmup_cosine' | 'constant'
-  c.burn_in_epochs = 5
-  c.burn_in_power = 4.0
-  c.constant_until_epoch = 20
-  c.cosine_end_epoch = 270
-  c.min_lr = 1e-5
-  c.warmup_epochs = 5.0  # for 'warmup_cosine' (may be fractional)
-  return c
 
 
 def scaled_base_lr(optimizer_config, global_batch_size: int) -> float:
   """The base LR after ``optimizer.lr_scaling`` ('none' → lr; 'linear' → lr·B/ref).
 
   Raises:
-    ValueError: for an unknown ``lr_scaling``.
+    ConfigError: for an unknown ``lr_scaling``.
   """
   lr = float(optimizer_config.lr)
-  mode = optimizer_config.get("lr_scaling", "none")
+  mode = optimizer_config.lr_scaling
   if mode == "none":
     return lr
   if mode == "linear":
-    return lr * float(global_batch_size) / float(optimizer_config.get("reference_batch_size", 64))
-  raise ValueError(f"optimizer.lr_scaling must be 'none' or 'linear', got {mode!r}")
+    return lr * float(global_batch_size) / float(optimizer_config.reference_batch_size)
+  raise ConfigError(f"optimizer.lr_scaling must be 'none' or 'linear', got {mode!r}")
 
 
-def official_schedule(base_lr: float, steps_per_epoch: int, *, burn_in_epochs: int = 5,
+def official_schedule(base_lr: float, steps_per_epoch: float, *, burn_in_epochs: int = 5,
                       burn_in_power: float = 4.0, constant_until_epoch: int = 20,
                       cosine_end_epoch: int = 270, min_lr: float = 1e-5) -> Schedule:
   """The official burn-in → constant → per-epoch cosine → constant schedule (spec §7).
 
   Args:
     base_lr: the (possibly scaled) base LR.
-    steps_per_epoch: E = ``len(dataset) // global_batch`` (official ``epoch_size``).
+    steps_per_epoch: E = ``len(dataset) // global_batch`` (official ``epoch_size``); a
+      float (> 0) lays the phases over a short run (:func:`asff_jax.config.schedule_scale`).
     burn_in_epochs, burn_in_power, constant_until_epoch, cosine_end_epoch, min_lr:
       see the module docstring.
 
@@ -145,21 +124,27 @@ def official_schedule(base_lr: float, steps_per_epoch: int, *, burn_in_epochs: i
     returns a float32 scalar.
 
   Raises:
-    ValueError: if ``steps_per_epoch < 1`` or the epoch boundaries are not ordered.
+    ConfigError: if ``steps_per_epoch <= 0`` or the epoch boundaries are not ordered.
   """
-  if steps_per_epoch < 1:
-    raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+  if not steps_per_epoch > 0:
+    raise ConfigError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
   if not 0 <= burn_in_epochs <= constant_until_epoch < cosine_end_epoch:
-    raise ValueError("need 0 <= burn_in_epochs <= constant_until_epoch < cosine_end_epoch, got "
-                     f"{burn_in_epochs}, {constant_until_epoch}, {cosine_end_epoch}")
+    raise ConfigError("need 0 <= schedule.burn_in_epochs <= constant_until_epoch < cosine_end_epoch, "
+                      f"got {burn_in_epochs}, {constant_until_epoch}, {cosine_end_epoch}")
+  integral = float(steps_per_epoch).is_integer()
   burn_steps = burn_in_epochs * steps_per_epoch
-  hold = base_lr * ((burn_steps - 1) / burn_steps) ** burn_in_power if burn_steps > 0 else base_lr
+  # The official LR holds the value of the last burn-in iteration (step ceil(B·E) − 1).
+  hold = (base_lr * ((math.ceil(burn_steps) - 1) / burn_steps) ** burn_in_power
+          if burn_steps >= 1 else base_lr)
   span = float(cosine_end_epoch - constant_until_epoch)
 
   def lr_fn(step):
     t = jnp.asarray(step, jnp.float32)
-    epoch = jnp.floor_divide(jnp.asarray(step, jnp.int32), steps_per_epoch).astype(jnp.float32)
-    warm = base_lr * (t / max(burn_steps, 1)) ** burn_in_power
+    if integral:
+      epoch = jnp.floor_divide(jnp.asarray(step, jnp.int32), int(steps_per_epoch)).astype(jnp.float32)
+    else:
+      epoch = jnp.floor(t / steps_per_epoch)
+    warm = base_lr * (t / max(burn_steps, 1e-9)) ** burn_in_power
     cos = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * (epoch - constant_until_epoch) / span))
     lr = jnp.where(epoch < burn_in_epochs, warm,
                    jnp.where(epoch <= constant_until_epoch, hold,
@@ -169,39 +154,41 @@ def official_schedule(base_lr: float, steps_per_epoch: int, *, burn_in_epochs: i
   return lr_fn
 
 
-def warmup_cosine_schedule(base_lr: float, steps_per_epoch: int, num_train_steps: int, *,
-                           warmup_epochs: float = 5.0, min_lr: float = 1e-5) -> Schedule:
-  """Linear warm-up 0 → base over ``warmup_epochs``, per-step cosine to ``min_lr`` at the end.
+def warmup_cosine_schedule(base_lr: float, num_train_steps: int, *, warmup_steps: int,
+                           min_lr: float = 1e-5) -> Schedule:
+  """Linear warm-up 0 → base over ``warmup_steps``, per-step cosine to ``min_lr`` at the end.
 
   Raises:
-    ValueError: if the warm-up is longer than training.
+    ConfigError: if the warm-up is not shorter than training.
   """
-  warmup = int(round(warmup_epochs * steps_per_epoch))
-  if warmup >= num_train_steps:
-    raise ValueError(f"warm-up ({warmup} steps) must be shorter than training ({num_train_steps} steps)")
-  sched = optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup, num_train_steps, end_value=min_lr)
+  if warmup_steps >= num_train_steps:
+    raise ConfigError(f"warm-up ({warmup_steps} steps) must be shorter than training "
+                      f"({num_train_steps} steps)")
+  sched = optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps, num_train_steps,
+                                             end_value=min_lr)
   return lambda step: jnp.asarray(sched(step), jnp.float32)
 
 
-def make_schedule(schedule_config, *, base_lr: float, steps_per_epoch: int,
-                  num_train_steps: int) -> Schedule:
-  """``config.schedule`` → ``lr_fn(step)``.
+def make_schedule(config, *, base_lr: float) -> Schedule:
+  """``config.schedule`` of a resolved config → ``lr_fn(step)`` (short runs fitted, see above).
 
   Raises:
-    ValueError: for an unknown ``schedule.name`` or invalid boundaries.
+    ConfigError: for an unknown ``schedule.name`` or invalid boundaries.
   """
-  s = schedule_config
+  s = config.schedule
   if s.name == "official":
-    return official_schedule(base_lr, steps_per_epoch, burn_in_epochs=int(s.burn_in_epochs),
+    epoch = int(config.steps_per_epoch) * config_lib.schedule_scale(config)
+    return official_schedule(base_lr, epoch, burn_in_epochs=int(s.burn_in_epochs),
                              burn_in_power=float(s.burn_in_power),
                              constant_until_epoch=int(s.constant_until_epoch),
                              cosine_end_epoch=int(s.cosine_end_epoch), min_lr=float(s.min_lr))
   if s.name == "warmup_cosine":
-    return warmup_cosine_schedule(base_lr, steps_per_epoch, num_train_steps,
-                                  warmup_epochs=float(s.warmup_epochs), min_lr=float(s.min_lr))
+    return warmup_cosine_schedule(base_lr, int(config.num_train_steps),
+                                  warmup_steps=config_lib.warmup_steps(config),
+                                  min_lr=float(s.min_lr))
   if s.name == "constant":
     return lambda step: jnp.full((), base_lr, jnp.float32)
-  raise ValueError(f"schedule.name must be 'official', 'warmup_cosine' or 'constant', got {s.name!r}")
+  raise ConfigError(f"schedule.name must be 'official', 'warmup_cosine' or 'constant', got {s.name!r}")
 
 
 # ----------------------------------------------------------------------------- weight decay masks
@@ -221,15 +208,13 @@ def weight_decay_mask(params, mode: str = "all", *, fusion: str = "asff"):
     fusion: ``config.model.fusion`` (the official names depend on it).
 
   Raises:
-    ValueError: for an unknown mode.
+    ConfigError: for an unknown mode.
   """
   if mode == "all":
     return jax.tree.map(lambda _: True, params)
   if mode == "kernels":
     return jax.tree_util.tree_map_with_path(lambda p, _: _path_keys(p)[-1] == "kernel", params)
   if mode == "official_nowd":
-    from asff_jax.convert import official_module_name  # pylint: disable=import-outside-toplevel
-
     def decayed(path, _):
       keys = _path_keys(path)
       if keys[-1] != "kernel":  # BN scale/bias and conv biases never match "conv.weight"
@@ -241,7 +226,7 @@ def weight_decay_mask(params, mode: str = "all", *, fusion: str = "asff"):
       return "conv.weight" in name
 
     return jax.tree_util.tree_map_with_path(decayed, params)
-  raise ValueError(f"optimizer.weight_decay_on must be 'all', 'official_nowd' or 'kernels', got {mode!r}")
+  raise ConfigError(f"optimizer.weight_decay_on must be 'all', 'official_nowd' or 'kernels', got {mode!r}")
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -275,38 +260,35 @@ class Optimizer(NamedTuple):
   base_lr: float
 
 
-def make_optimizer(config, params, *, steps_per_epoch: int, num_train_steps: int) -> Optimizer:
-  """Builds the official SGD (+ schedule) from a full config.
+def make_optimizer(config, params) -> Optimizer:
+  """Builds the official SGD (+ schedule) from a resolved config.
 
   Args:
-    config: full config with ``optimizer``, ``schedule``, ``batch_size`` (global)
-      and ``model.fusion``.
+    config: resolved config (``optimizer``, ``schedule``, ``batch_size`` (global),
+      ``steps_per_epoch``, ``num_train_steps``, ``model.fusion``).
     params: the params tree (or its ``jax.eval_shape``), for the decay mask.
-    steps_per_epoch, num_train_steps: resolved by the trainer.
 
   Returns:
     :class:`Optimizer`. ``tx.init(params)`` gives a state whose
     ``hyperparams['learning_rate']`` is set each step with :func:`set_learning_rate`.
 
   Raises:
-    ValueError: unknown optimizer name or any option error from the helpers.
+    ConfigError: unknown optimizer name or any option error from the helpers.
   """
   o = config.optimizer
-  name = o.get("name", "sgd")
-  if name not in ("sgd", "adamw"):
-    raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {name!r}")
+  if o.name not in ("sgd", "adamw"):
+    raise ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {o.name!r}")
   base_lr = scaled_base_lr(o, int(config.batch_size))
-  lr_fn = make_schedule(config.schedule, base_lr=base_lr, steps_per_epoch=steps_per_epoch,
-                        num_train_steps=num_train_steps)
-  mask = weight_decay_mask(params, o.get("weight_decay_on", "all"), fusion=config.model.fusion)
-  clip = float(o.get("clip_grad_norm", 0.0) or 0.0)
-  if name == "sgd":
+  lr_fn = make_schedule(config, base_lr=base_lr)
+  mask = weight_decay_mask(params, o.weight_decay_on, fusion=config.model.fusion)
+  clip = float(o.clip_grad_norm)
+  if o.name == "sgd":
     tx = optax.inject_hyperparams(_official_sgd, static_args=("mask", "nesterov", "clip"))(
         learning_rate=base_lr, momentum=float(o.momentum), weight_decay=float(o.weight_decay),
-        mask=mask, nesterov=bool(o.get("nesterov", False)), clip=clip)
+        mask=mask, nesterov=bool(o.nesterov), clip=clip)
   else:
     tx = optax.inject_hyperparams(_adamw, static_args=("mask", "clip"))(
-        learning_rate=base_lr, b1=float(o.get("b1", 0.9)), b2=float(o.get("b2", 0.999)),
+        learning_rate=base_lr, b1=float(o.b1), b2=float(o.b2),
         weight_decay=float(o.weight_decay), mask=mask, clip=clip)
   return Optimizer(tx, lr_fn, base_lr)
 
@@ -321,11 +303,6 @@ def get_learning_rate(opt_state) -> jax.Array:
   return opt_state.hyperparams["learning_rate"]
 
 
-def epoch_lr_table(lr_fn: Schedule, steps_per_epoch: int, num_epochs: int) -> list[float]:
-  """LR at the first step of each epoch (for docs and sanity checks)."""
-  return [float(lr_fn(e * steps_per_epoch)) for e in range(num_epochs)]
-
-
 __all__ = ["Optimizer", "make_optimizer", "make_schedule", "official_schedule",
            "warmup_cosine_schedule", "weight_decay_mask", "scaled_base_lr", "set_learning_rate",
-           "get_learning_rate", "default_optimizer_config", "default_schedule_config"]
+           "get_learning_rate"]

@@ -57,8 +57,7 @@ Assignment rules (spec §6 "Target assignment", parity README quirks 2-5)
    natural generalisation to non-square inputs and identical for square ones.
 
 Optional (off by default): the paper's adjacent ignore regions (Table 2),
-see :func:`adjacent_ignore_mask`; and dense class supervision (not in the
-paper or the official code), see :func:`class_region`.
+see :func:`adjacent_ignore_mask`.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ import numpy as np
 from asff_jax import boxes as box_lib
 from asff_jax.models.config import ANCHOR_MASKS, STRIDES
 from asff_jax.models.config import OFFICIAL_ANCHORS as ANCHORS  # (121, 240) set, spec §4
-from asff_jax.models.head import NUM_SLOTS, level_anchor_bases
+from asff_jax.models import head as head_lib
 
 
 class LevelTargets(NamedTuple):
@@ -86,9 +85,7 @@ class LevelTargets(NamedTuple):
     box_target: ``(..., 4)`` GT ``[cx, cy, w, h]`` in grid units (0 off positives).
     tgt_scale: ``2 - w*h/(in_w*in_h)`` at positives, 0 elsewhere.
     cls_target: ``(..., C)`` class targets (0 where ``cls_mask`` is False).
-    cls_mask: bool — where the class loss applies: ``positive`` (official), or
-      with ``cls_center_radius`` also every slot of the cells around each GT
-      centre (:func:`class_region`).
+    cls_mask: bool — where the class loss applies: ``positive`` (official).
     anchor_mask: bool — guided-anchor shape loss mask.
     anchor_target_wh: ``(..., 2)`` GT wh in grid units where ``anchor_mask``.
     ignored: bool — IoU-based ignore (rule 4), before positives are written.
@@ -171,12 +168,12 @@ def level_geometry(level: int, grid_hw: Sequence[int], input_hw: Sequence[int],
   anchors = np.asarray(anchors, np.float32)
   if anchors.shape != (9, 2):
     raise ValueError(f"anchors must be (9, 2), got {anchors.shape}")
-  return stride, level_anchor_bases(anchors, anchor_masks[level], stride)
+  return stride, head_lib.level_anchor_bases(anchors, anchor_masks[level], stride)
 
 
 def decode_level(raw, guide_wh, *, level: int, input_hw, anchors=ANCHORS,
                  anchor_masks=ANCHOR_MASKS):
-  """Split and decode one level's head outputs (spec §4 "Predicted anchors", "Decoding").
+  """:func:`asff_jax.models.head.decode_level` of one level, with its geometry checked.
 
   Args:
     raw: ``(B, H, W, 4*(5+C))`` prediction-conv output, channel ``(5+C)*slot + c``.
@@ -185,31 +182,15 @@ def decode_level(raw, guide_wh, *, level: int, input_hw, anchors=ANCHORS,
     input_hw: ``(input_h, input_w)`` pixels (static).
 
   Returns:
-    dict with ``out`` ``(B,H,W,4,5+C)`` (raw, split per slot), ``anchor_wh``
-    ``(B,H,W,4,2)`` predicted (guided) anchors ``exp(g) * A / stride`` in grid
-    units, ``box`` ``(B,H,W,4,4)`` decoded ``[cx, cy, w, h]`` in grid units
-    (``cx = sigmoid(tx) + x``, ``w = exp(tw) * pw``), ``stride`` (int).
+    dict with ``out``, ``anchor_wh``, ``box`` in grid units and ``stride`` (see
+    :func:`asff_jax.models.head.decode_level`).
 
   Raises:
     ValueError: bad shapes (see :func:`level_geometry`), channel count not
       divisible by 4, or guide_wh not 8 channels.
   """
-  b, h, w, ch = raw.shape
-  if ch % NUM_SLOTS or ch // NUM_SLOTS < 6:
-    raise ValueError(f"raw must have 4*(5+C) channels, got {ch}")
-  if guide_wh.shape != (b, h, w, 2 * NUM_SLOTS):
-    raise ValueError(f"guide_wh must be {(b, h, w, 8)}, got {guide_wh.shape}")
-  stride, slot_anchors = level_geometry(level, (h, w), input_hw, anchors, anchor_masks)
-  out = raw.reshape(b, h, w, NUM_SLOTS, ch // NUM_SLOTS)
-  g = guide_wh.reshape(b, h, w, NUM_SLOTS, 2)
-  anchor_wh = jnp.exp(g) * jnp.asarray(slot_anchors / stride)
-  gx = jnp.arange(w, dtype=raw.dtype)[None, None, :, None]
-  gy = jnp.arange(h, dtype=raw.dtype)[None, :, None, None]
-  cx = jax.nn.sigmoid(out[..., 0]) + gx
-  cy = jax.nn.sigmoid(out[..., 1]) + gy
-  wh = jnp.exp(out[..., 2:4]) * anchor_wh
-  box = jnp.concatenate([cx[..., None], cy[..., None], wh], -1)
-  return dict(out=out, anchor_wh=anchor_wh, box=box, stride=stride)
+  stride, slot_anchors = level_geometry(level, raw.shape[1:3], input_hw, anchors, anchor_masks)
+  return head_lib.decode_level(raw, guide_wh, stride=stride, anchor_bases=slot_anchors)
 
 
 def gt_valid_mask(labels):
@@ -309,48 +290,6 @@ def _cell_rect(i0, i1, j0, j1, grid_hw):
           (rows >= j0[..., None, None]) & (rows <= j1[..., None, None]))
 
 
-def class_region(labels, in_level, *, grid_hw, input_hw, radius: int):
-  """Dense class-supervision cells of one level (an option, not official), ``(B, H*W)`` int32.
-
-  The official loss trains the class logits at one (cell, slot) per GT. With
-  ``radius = r`` every cell within Chebyshev distance ``r`` of a GT's centre
-  cell that also overlaps the GT box (cell ranges by the same truncation as the
-  centre cell, clipped into the grid) is labelled with that GT, at all 4 slots
-  — the "centre sampling" of dense detectors (FCOS, Tian et al. 2019), used
-  here for the class term only: objectness and box targets stay official.
-  Where regions of several GTs of this level meet, the GT with the smallest box
-  area wins (ties: the larger GT index); the result does not depend on XLA's
-  scatter order.
-
-  Args:
-    labels: ``(B, N, 5|6)`` input pixels. in_level: ``(B, N)`` bool, GTs of this level.
-    grid_hw: ``(H, W)``; input_hw: ``(input_h, input_w)`` pixels; radius: r >= 0.
-
-  Returns:
-    ``(B, H*W)`` int32 GT index labelling each cell, -1 where none.
-
-  Raises:
-    ValueError: ``radius < 0``.
-  """
-  if radius < 0:
-    raise ValueError(f"cls_center_radius must be >= 0, got {radius}")
-  h, w = grid_hw
-  lab = labels.astype(jnp.float32)
-  b = lab.shape[0]
-  _, _, j, i = _cells(lab, grid_hw, input_hw)
-  i0, i1, j0, j1 = _box_cell_span(lab, 1.0, grid_hw, input_hw)
-  inside = _cell_rect(jnp.maximum(i0, i - radius), jnp.minimum(i1, i + radius),
-                      jnp.maximum(j0, j - radius), jnp.minimum(j1, j + radius),
-                      grid_hw) & in_level[..., None, None]  # (B, N, H, W)
-  # Priority: smaller area wins; rank 0 = largest box. Ties keep index order.
-  area = lab[..., 3] * lab[..., 4]
-  order = jnp.argsort(-area, axis=1, stable=True)  # (B, N), largest area first
-  rank = jnp.argsort(order, axis=1).astype(jnp.int32)  # rank of each GT
-  best = jnp.max(jnp.where(inside, rank[..., None, None], -1), axis=1)  # (B, H, W)
-  gt = jnp.take_along_axis(order, jnp.maximum(best, 0).reshape(b, h * w), axis=1)
-  return jnp.where(best.reshape(b, h * w) >= 0, gt, -1).astype(jnp.int32)
-
-
 def _winner_map(num_keys, keys, gt_index, writes):
   """``(B, num_keys)`` int32: per key the largest writing GT index, -1 if none.
 
@@ -372,8 +311,7 @@ def _gather_gt(values, winner):
 
 def assign_level(labels, decoded, *, level: int, num_classes: int, input_hw,
                  anchors=ANCHORS, anchor_masks=ANCHOR_MASKS, ignore_thre: float = 0.7,
-                 label_smoothing: bool = True, adjacent_ignore_eps=None,
-                 cls_center_radius=None) -> LevelTargets:
+                 label_smoothing: bool = True, adjacent_ignore_eps=None) -> LevelTargets:
   """Official target assignment for one level (spec §6; module docstring rules 1-8).
 
   Args:
@@ -386,17 +324,12 @@ def assign_level(labels, decoded, *, level: int, num_classes: int, input_hw,
     label_smoothing: official LABAL_SMOOTH (see rule 6).
     adjacent_ignore_eps: ``None`` (off, official) or a float >= 0, see
       :func:`adjacent_ignore_mask`.
-    cls_center_radius: ``None`` (official: class loss at positives only) or
-      an int r >= 0: class targets also at every slot of the cells of
-      :func:`class_region` (the GT's class, smoothed like the official one);
-      positives keep their official targets.
 
   Returns:
     :class:`LevelTargets`.
 
   Raises:
-    ValueError: labels not ``(B, N, 5|6)``; negative ``adjacent_ignore_eps`` or
-      ``cls_center_radius``.
+    ValueError: labels not ``(B, N, 5|6)``; negative ``adjacent_ignore_eps``.
   """
   if labels.ndim != 3 or labels.shape[-1] not in (5, 6):
     raise ValueError(f"labels must be (B, N, 5|6), got {labels.shape}")
@@ -468,17 +401,6 @@ def assign_level(labels, decoded, *, level: int, num_classes: int, input_hw,
     cls_target = jnp.zeros((b, m, c), jnp.float32).at[bidx, pos_key, cls_id].max(
         in_level.astype(jnp.float32))
   cls_mask = positive
-  if cls_center_radius is not None:
-    region = class_region(lab, in_level, grid_hw=(h, w), input_hw=input_hw,
-                          radius=int(cls_center_radius))  # (B, H*W)
-    region_cls = jnp.take_along_axis(cls_id, jnp.maximum(region, 0), axis=1)
-    on, off = (1.0 - 1.0 / c, 1.0 / c) if label_smoothing else (1.0, 0.0)
-    dense_cls = jnp.where(jax.nn.one_hot(region_cls, c, dtype=jnp.float32) > 0, on, off)
-    dense_cls = jnp.repeat(dense_cls, s, axis=1)  # (B, M, C): every slot of the cell
-    region_m = jnp.repeat(region >= 0, s, axis=1)
-    cls_target = jnp.where(positive[..., None], cls_target,
-                           jnp.where(region_m[..., None], dense_cls, 0.0))
-    cls_mask = positive | region_m
 
   # Rule 7: guided-anchor shape targets (slot a and slot 3), own winners.
   anc_key = jnp.concatenate([cell * s + gt_slot, cell * s + (s - 1)], 1)

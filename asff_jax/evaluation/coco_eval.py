@@ -9,10 +9,11 @@ Conventions (official):
 * Detections arrive as ``xyxy`` corners in **input pixels** (the square, or
   ``(in_h, in_w)``, network input). Evaluation preprocessing is a plain resize
   (no letterbox, aspect not kept), so boxes are mapped back to the original
-  image by ``x * orig_w / in_w`` and ``y * orig_h / in_h``, then converted to
+  image by ``x * orig_w / in_w`` and ``y * orig_h / in_h``
+  (:func:`asff_jax.boxes.rescale_boxes`), then converted to
   COCO ``[x, y, w, h]`` (top-left + size). No clipping (the official code does
   not clip).
-* Score = ``obj * class_conf`` (what :mod:`asff_jax.postprocess` returns).
+* Score = ``obj * class_conf`` (what :mod:`asff_jax.evaluation.postprocess` returns).
 * COCOeval ``iouType='bbox'`` with default parameters (10 IoU thresholds
   0.5:0.05:0.95, 101 recall points, maxDets 1/10/100, area ranges) over the
   images that were passed in (even those without detections, as the official
@@ -45,6 +46,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from asff_jax.boxes import rescale_boxes
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
               "ARl")
@@ -181,10 +184,8 @@ class CocoEvaluator:
     labels = np.rint(classes).astype(np.int64)
     if labels.min() < 0 or labels.max() >= self.num_classes:
       raise ValueError(f"class labels must be in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
-    in_h, in_w = _hw(input_hw)
-    o_h, o_w = self.original_hw(image_id) if orig_hw is None else _hw(orig_hw)
-    scale = np.array([o_w / in_w, o_h / in_h, o_w / in_w, o_h / in_h])
-    xyxy = boxes * scale
+    orig = self.original_hw(image_id) if orig_hw is None else _hw(orig_hw)
+    xyxy = rescale_boxes(boxes, _hw(input_hw), orig)
     xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
     for bb, s, lab in zip(xywh, scores, labels):
       self._results.append({
@@ -203,7 +204,7 @@ class CocoEvaluator:
 
   def add_fixed_outputs(self, outputs, image_ids: Sequence, *, input_hw,
                         orig_hws: Optional[Sequence] = None):
-    """Add a batch of :func:`asff_jax.postprocess.nms_fixed` outputs.
+    """Add a batch of :func:`asff_jax.evaluation.postprocess.nms_fixed` outputs.
 
     Args:
       outputs: dict with ``boxes (B, D, 4)``, ``scores (B, D)``, ``classes (B, D)``,
@@ -300,7 +301,7 @@ class CocoEvaluator:
 def evaluate_fixed_outputs(gt: Union[GroundTruth, CocoEvaluator], outputs, image_ids: Sequence, *,
                            input_hw, orig_hws: Optional[Sequence] = None,
                            results_json=None) -> dict[str, float]:
-  """One-shot evaluation of :func:`asff_jax.postprocess.nms_fixed` outputs.
+  """One-shot evaluation of :func:`asff_jax.evaluation.postprocess.nms_fixed` outputs.
 
   Args:
     gt: ground truth (``COCO``, json path, dict) or an existing evaluator (its

@@ -5,7 +5,7 @@ regenerated from ``state_dict_spec*.json`` by this rule, per entry in order:
 ``z = numpy.random.default_rng(seed).standard_normal(shape)`` in float64
 (``abs(z)`` for rule ``abs_normal``), ``value = offset + scale·z`` cast to
 float32; rule ``zeros`` gives zeros of the stated dtype. Converting such a
-state dict with :func:`asff_jax.convert.variables_from_official` and running
+state dict with :func:`asff_jax.tools.convert.variables_from_official` and running
 our model must reproduce the stored official outputs.
 """
 
@@ -13,8 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+
+from asff_jax import cli
+from asff_jax.config import default_model_config
+from asff_jax.models import create_model
+from asff_jax.tools.convert import variables_from_official
 
 
 def state_dict_from_spec(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -54,12 +63,6 @@ def compare_with_official(parity_dir: str | os.PathLike, rfb: bool = False) -> l
   Raises:
     FileNotFoundError: if the fixture files are missing.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from asff_jax.convert import variables_from_official  # pylint: disable=import-outside-toplevel
-  from asff_jax.models import create_model, default_model_config  # pylint: disable=import-outside-toplevel
-
   parity_dir = os.fspath(parity_dir)
   cfg = default_model_config()
   cfg.rfb = rfb
@@ -98,23 +101,24 @@ def compare_with_official(parity_dir: str | os.PathLike, rfb: bool = False) -> l
   return rows
 
 
-def main(argv=None) -> int:
-  """``python -m asff_jax.parity [--shared ../shared]``: prints the parity table for ASFF and ASFF*."""
-  import argparse  # pylint: disable=import-outside-toplevel
+def main(argv=None):
+  """``python -m asff_jax.tools.parity [--shared ../shared]``: prints the parity table for ASFF and ASFF*."""
+  def define(fv, _argv):
+    flags.DEFINE_string("shared", os.path.join("..", "shared"), "the shared/ folder holding parity/", flag_values=fv)
 
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shared", default=os.path.join("..", "shared"), help="the shared/ folder holding parity/")
-  args = p.parse_args(argv)
-  worst = 0.0
-  for rfb in (False, True):
-    print(f"== {'ASFF* (rfb)' if rfb else 'ASFF'}: our model vs the official PyTorch model ==")
-    print(f"{'tensor':24s} {'max |err|':>11s} {'max |ref|':>11s} {'err/ref':>9s}")
-    for name, err, ref in compare_with_official(os.path.join(args.shared, "parity"), rfb):
-      print(f"{name:24s} {err:11.3e} {ref:11.3e} {err / ref:9.1e}")
-      worst = max(worst, err / ref)
-  print(f"worst error relative to tensor scale: {worst:.1e} (tests require <= 1e-4)")
-  return 0 if worst <= 1e-4 else 1
+  def run(f):
+    worst = 0.0
+    for rfb in (False, True):
+      print(f"== {'ASFF* (rfb)' if rfb else 'ASFF'}: our model vs the official PyTorch model ==")
+      print(f"{'tensor':24s} {'max |err|':>11s} {'max |ref|':>11s} {'err/ref':>9s}")
+      for name, err, ref in compare_with_official(os.path.join(f.shared, "parity"), rfb):
+        print(f"{name:24s} {err:11.3e} {ref:11.3e} {err / ref:9.1e}")
+        worst = max(worst, err / ref)
+    print(f"worst error relative to tensor scale: {worst:.1e} (tests require <= 1e-4)")
+    return 0 if worst <= 1e-4 else 1
+
+  return cli.run(run, "asff_jax.tools.parity", argv, define)
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  sys.exit(main())

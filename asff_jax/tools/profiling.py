@@ -39,7 +39,10 @@ import math
 import os
 import re
 import tempfile
+import time
 from typing import Callable
+
+import jax
 
 REGIONS = ("backbone", "neck", "fusion", "dcn", "head", "conv kernel gradients", "decode/loss/optimizer")
 KINDS = ("conv", "conv-weight-grad", "conv-lhs-dilated", "dot", "gather", "scatter", "reduce", "copy", "elementwise")
@@ -200,7 +203,6 @@ def region_of(op_name: str) -> str:
 
 def trace_op_times(run: Callable[[], object], runs: int = 3, trace_dir: str | None = None) -> dict[str, float]:
   """Mean seconds per call of every traced op name over ``runs`` calls of ``run``."""
-  import jax  # pylint: disable=import-outside-toplevel
 
   jax.block_until_ready(run())  # warm-up outside the trace
   with tempfile.TemporaryDirectory() as tmp:
@@ -223,9 +225,7 @@ def trace_op_times(run: Callable[[], object], runs: int = 3, trace_dir: str | No
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
   """Median wall seconds of ``repeats`` (≥ 1) calls of ``fn`` (each waited for with ``block_until_ready``)."""
-  import time  # pylint: disable=import-outside-toplevel
 
-  import jax  # pylint: disable=import-outside-toplevel
 
   times = []
   for _ in range(max(int(repeats), 1)):

@@ -1,9 +1,10 @@
-"""Inference glue: jitted forward + fixed-size NMS, and COCO evaluation over an eval iterator.
+"""Inference: the jitted forward with fixed-size NMS, and the COCO evaluation loop over batches.
 
-Used by ``asff_jax.train`` (periodic evaluation), ``asff_jax.evaluate`` and
-``asff_jax.predict``. Post-processing follows the official ``postprocess``
-(spec §5): score = objectness × max class probability, threshold, per-class
-NMS, plus the COCO cap of ``max_detections`` per image.
+Post-processing follows the official ``postprocess`` (spec §5): score =
+objectness × max class probability, threshold, per-class NMS, plus the COCO
+cap of ``max_detections`` per image. Used by periodic and command-line
+evaluation (:mod:`asff_jax.evaluation.evaluator`), prediction and the Python
+API (:mod:`asff_jax.tools.detector`).
 """
 
 from __future__ import annotations
@@ -15,32 +16,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asff_jax.postprocess import nms_fixed
+from asff_jax.evaluation.postprocess import nms_fixed
 
 
 def eval_settings(config) -> dict:
-  """Post-processing settings from ``config.eval`` with the official COCO-eval defaults.
+  """Post-processing settings of ``config.eval`` (official: ``conf_thre`` 0.001, ``nms_thre`` 0.65).
 
-  ``conf_thre`` 0.001 and ``nms_thre`` 0.65 are the official ``eval.py`` values
-  (the paper says NMS 0.6); ``max_detections`` 100 is COCO's cap;
-  ``pre_nms_topk`` bounds the fixed-size NMS.
+  Returns ``{'conf_thre', 'nms_thre', 'pre_nms_topk', 'max_detections'}``
+  (keyword arguments of :func:`make_predict_fn`).
   """
-  ev = config.get("eval", None) if hasattr(config, "get") else None
-  get = (lambda k, d: ev.get(k, d)) if ev is not None else (lambda k, d: d)
-  return dict(conf_thre=float(get("conf_thre", 0.001)), nms_thre=float(get("nms_thre", 0.65)),
-              pre_nms_topk=int(get("pre_nms_topk", 1000)),
-              max_detections=int(get("max_detections", 100)))
+  e = config.eval
+  return dict(conf_thre=float(e.conf_thre), nms_thre=float(e.nms_thre),
+              pre_nms_topk=int(e.pre_nms_topk), max_detections=int(e.max_detections))
 
 
 def make_predict_fn(model, *, conf_thre: float, nms_thre: float, pre_nms_topk: int,
                     max_detections: int, with_fusion_maps: bool = False) -> Callable:
-  """Returns ``predict(variables, images) -> dict``, jitted.
+  """Returns ``predict(variables, images) -> dict``, jitted (one compilation per input shape).
 
   ``images`` ``(B, S, S, 3)`` ImageNet-normalised. The dict has ``'boxes'``
   ``(B, K, 4)`` xyxy in input pixels, ``'scores'`` ``(B, K)``, ``'classes'``
   ``(B, K)`` int32, ``'num_valid'`` ``(B,)`` (K = ``max_detections``) and, with
-  ``with_fusion_maps``, ``'fusion_weights'``: a list of three ``(B, H_l, W_l, 3)``
-  α/β/γ maps (ASFF models only).
+  ``with_fusion_maps`` (ASFF models), ``'fusion_weights'`` and ``'fused_sum'``:
+  lists over the three levels of ``(B, H_l, W_l, 3)`` α/β/γ maps and
+  ``(B, H_l, W_l)`` channel-summed fused features.
   """
 
   @jax.jit
@@ -50,13 +49,14 @@ def make_predict_fn(model, *, conf_thre: float, nms_thre: float, pre_nms_topk: i
                          pre_nms_topk=pre_nms_topk, max_detections=max_detections))
     if with_fusion_maps and "fusion_weights" in out["levels"][0]:
       res["fusion_weights"] = [lv["fusion_weights"] for lv in out["levels"]]
+      res["fused_sum"] = [lv["fused_sum"] for lv in out["levels"]]
     return res
 
   return predict
 
 
 def run_coco_eval(predict: Callable, variables, batches: Iterable[Mapping[str, Any]], evaluator, *,
-                  input_size: int, progress_every: int = 50, log: Callable[[str], None] = print) -> dict:
+                  input_size: int, progress: Callable[[int], None] = lambda n: None) -> dict:
   """Runs ``predict`` over eval batches and returns the COCO metrics.
 
   Args:
@@ -65,9 +65,10 @@ def run_coco_eval(predict: Callable, variables, batches: Iterable[Mapping[str, A
     batches: iterable of dicts with ``'images'`` ``(B, S, S, 3)``,
       ``'image_ids'`` ``(B,)``, ``'orig_hw'`` ``(B, 2)`` (original height,
       width) and ``'valid'`` ``(B,)`` bool (False for padding rows).
-    evaluator: a :class:`asff_jax.coco_eval.CocoEvaluator` (reset here).
+    evaluator: a :class:`asff_jax.evaluation.coco_eval.CocoEvaluator` (reset here).
     input_size: S, the square input side (boxes are rescaled per axis to the
       original size: the official plain resize, spec §5).
+    progress: called with the number of images done after every batch.
 
   Returns:
     ``{'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR100', ..., 'num_images',
@@ -75,7 +76,7 @@ def run_coco_eval(predict: Callable, variables, batches: Iterable[Mapping[str, A
   """
   evaluator.reset()
   n, t0 = 0, time.time()
-  for i, batch in enumerate(batches):
+  for batch in batches:
     out = jax.tree.map(np.asarray, predict(variables, jnp.asarray(batch["images"])))
     valid = np.asarray(batch["valid"], bool)
     for b in np.nonzero(valid)[0]:
@@ -84,8 +85,7 @@ def run_coco_eval(predict: Callable, variables, batches: Iterable[Mapping[str, A
                     out["classes"][b, :k], input_hw=(input_size, input_size),
                     orig_hw=tuple(float(v) for v in batch["orig_hw"][b]))
     n += int(valid.sum())
-    if progress_every and (i + 1) % progress_every == 0:
-      log(f"eval: {n} images, {n / (time.time() - t0):.1f} images/s")
+    progress(n)
   elapsed = time.time() - t0
   metrics = dict(evaluator.evaluate())
   metrics["num_images"] = n

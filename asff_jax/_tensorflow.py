@@ -1,0 +1,39 @@
+"""TensorFlow imported once, quietly, and kept off accelerators (tf.data runs on the host CPU).
+
+Imported by :mod:`asff_jax.data` and :mod:`asff_jax.cli` before anything else
+touches TensorFlow. Unless ``--verbose`` is on the command line or
+``ASFF_JAX_VERBOSE=1``:
+
+* ``TF_CPP_MIN_LOG_LEVEL=3`` where it is unset;
+* the C++ start-up lines (the oneDNN notice, absl's pre-initialisation warning)
+  are written to file descriptor 2 before any log level applies, so fd 2 points
+  at /dev/null for the import only (an import error still raises; its Python
+  message is printed after fd 2 is restored).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+VERBOSE = "--verbose" in sys.argv or os.environ.get("ASFF_JAX_VERBOSE", "") not in ("", "0")
+
+
+def _import_quietly() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  null = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(null, 2)
+    import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (with fd 2 silenced)
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
+if not VERBOSE:
+  _import_quietly()

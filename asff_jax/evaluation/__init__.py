@@ -1,0 +1,1 @@
+"""Evaluation: post-processing (NMS), jitted inference, COCO evaluation, the evaluator."""

@@ -1,0 +1,1 @@
+"""Tools around the detector: weight conversion, export, prediction, benchmarks, parity, probes."""
