@@ -1,8 +1,10 @@
 """TensorFlow imported once, quietly, and kept off accelerators (tf.data runs on the host CPU).
 
 Imported by :mod:`asff_jax.data` and :mod:`asff_jax.cli` before anything else
-touches TensorFlow. Unless ``--verbose`` is on the command line or
-``ASFF_JAX_VERBOSE=1``:
+touches TensorFlow. TensorFlow only runs the input pipeline, so its GPUs and
+TPUs are hidden (``tf.config.set_visible_devices([], kind)``): otherwise a GPU
+build of TensorFlow (Colab's) reserves most of the GPU memory JAX needs.
+Unless ``--verbose`` is on the command line or ``ASFF_JAX_VERBOSE=1``:
 
 * ``TF_CPP_MIN_LOG_LEVEL=3`` where it is unset;
 * the C++ start-up lines (the oneDNN notice, absl's pre-initialisation warning)
@@ -35,5 +37,21 @@ def _import_quietly() -> None:
     os.close(null)
 
 
+def hide_accelerators_from_tensorflow() -> list[str]:
+  """Makes TensorFlow see no GPU or TPU; returns the kinds it had (no-op once TF has initialised them)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  (imported above, quietly or not)
+
+  hidden = []
+  for kind in ("GPU", "TPU"):
+    try:
+      if tf.config.list_physical_devices(kind):
+        tf.config.set_visible_devices([], kind)
+        hidden.append(kind)
+    except (RuntimeError, ValueError):  # already initialised, or no such device type
+      pass
+  return hidden
+
+
 if not VERBOSE:
   _import_quietly()
+hide_accelerators_from_tensorflow()

@@ -45,6 +45,14 @@ NOISY_LOGGERS = ("absl", "orbax", "tensorflow", "jax._src.xla_bridge", "tensorfl
                  "jax._src.distributed")
 
 
+#: Warnings libraries print in normal operation (orbax restoring a checkpoint it wrote itself).
+KNOWN_NOISE = ("Metadata file does not exist",)
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+  return not any(str(record.getMessage()).startswith(n) for n in KNOWN_NOISE)
+
+
 def setup_logging(verbose: bool = False) -> None:
   """INFO for ``asff_jax`` on stderr with a short format; the libraries quiet unless ``verbose``."""
   root = logging.getLogger()
@@ -53,6 +61,8 @@ def setup_logging(verbose: bool = False) -> None:
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(fmt)
   absl_logging.use_python_logging(quiet=True)
+  if not verbose:
+    handler.addFilter(_drop_known_noise)
   root.handlers = [handler]
   logger.setLevel(logging.INFO)
   for name in NOISY_LOGGERS:

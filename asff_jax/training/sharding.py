@@ -30,12 +30,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from asff_jax.errors import ConfigError
+
 logger = logging.getLogger("asff_jax")
 DATA_AXIS = "data"
 
-# Environment variables that mean "a cluster manager launched us as one of several
-# processes": jax.distributed.initialize() can then find everything itself.
-_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "JAX_NUM_PROCESSES")
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -59,16 +58,23 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def nearest_valid_batch(global_batch_size: int, num_devices: int) -> int:
+  """The smallest multiple of ``num_devices`` that is ≥ ``global_batch_size`` (at least one per device)."""
+  return max(1, -(-int(global_batch_size) // int(num_devices))) * int(num_devices)
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Validates the global batch against the mesh and returns the per-process batch.
 
   Raises:
-    ValueError: if the global batch is not a multiple of the number of devices.
+    ConfigError: if the global batch is not a multiple of the number of devices
+      (the message names both and the nearest valid batch).
   """
   n = mesh.devices.size
-  if global_batch_size % n:
-    raise ValueError(f"batch_size={global_batch_size} (global) must be a multiple of the "
-                     f"number of devices ({n})")
+  if global_batch_size <= 0 or global_batch_size % n:
+    raise ConfigError(
+        f"batch_size={global_batch_size} (global) must be a multiple of the number of devices ({n}): "
+        f"use --config.batch_size={nearest_valid_batch(global_batch_size, n)}")
   return global_batch_size // jax.process_count()
 
 
@@ -114,48 +120,82 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(get, tree)
 
 
-def looks_like_managed_cluster(environ: Optional[Mapping[str, str]] = None) -> bool:
-  """True if a cluster manager (Slurm, Open MPI, PMI, or ``JAX_NUM_PROCESSES``) launched >1 process.
+def _multi_host_tpu_type(accelerator_type: str) -> bool:
+  """``'v4-32'`` → True: Cloud TPU types whose core/chip count exceeds one host's (8)."""
+  try:
+    return int(accelerator_type.rsplit("-", 1)[1]) > 8
+  except (IndexError, ValueError):
+    return False
 
-  TPU pods and GKE are detected by ``jax.distributed.initialize()`` itself; set
-  ``--coordinator_address`` etc. explicitly elsewhere.
+
+def cluster_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+  """The cluster manager that launched this process as one of several, or None.
+
+  Recognised (the environments ``jax.distributed.initialize()`` configures
+  itself in): Slurm (``SLURM_JOB_ID`` with ``SLURM_NTASKS`` > 1), Open MPI
+  (``OMPI_MCA_orte_hnp_uri`` or ``OMPI_COMM_WORLD_SIZE`` > 1), PMI
+  (``PMI_SIZE`` > 1), GKE TPU slices (``TPU_WORKER_HOSTNAMES`` with several
+  hosts, or ``MEGASCALE_COORDINATOR_ADDRESS``), Cloud TPU VM pods
+  (``TPU_ACCELERATOR_TYPE`` larger than one host, e.g. ``v4-32``), and
+  ``JAX_NUM_PROCESSES`` > 1; ``ASFF_JAX_DISTRIBUTED=1`` forces it.
   """
   env = os.environ if environ is None else environ
-  for key in _CLUSTER_ENV:
+
+  def more_than_one(key):
     try:
-      if int(env.get(key, "1")) > 1:
-        return True
+      return int(env.get(key, "1")) > 1
     except ValueError:
-      continue
-  return False
+      return False
+
+  if env.get("ASFF_JAX_DISTRIBUTED", "") == "1":
+    return "forced"
+  if "SLURM_JOB_ID" in env and more_than_one("SLURM_NTASKS"):
+    return "slurm"
+  if "OMPI_MCA_orte_hnp_uri" in env or more_than_one("OMPI_COMM_WORLD_SIZE"):
+    return "openmpi"
+  if more_than_one("PMI_SIZE"):
+    return "pmi"
+  if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1 or (
+      "MEGASCALE_COORDINATOR_ADDRESS" in env):
+    return "gke_tpu"
+  if _multi_host_tpu_type(env.get("TPU_ACCELERATOR_TYPE", "")):
+    return "cloud_tpu_pod"
+  if more_than_one("JAX_NUM_PROCESSES"):
+    return "jax_env"
+  return None
+
+
+def distributed_init_args(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                          process_id: Optional[int] = None,
+                          environ: Optional[Mapping[str, str]] = None) -> Optional[dict]:
+  """Keyword arguments for ``jax.distributed.initialize``, or None for a single process.
+
+  * any of the three flags given → exactly those (the cluster environment may supply the rest);
+  * none given but :func:`cluster_environment` recognises a cluster → ``{}``:
+    ``initialize()`` with no arguments, JAX's own auto-detection;
+  * otherwise None (nothing to initialise).
+  """
+  if coordinator_address or num_processes is not None or process_id is not None:
+    return {"coordinator_address": coordinator_address, "num_processes": num_processes,
+            "process_id": process_id}
+  return {} if cluster_environment(environ) is not None else None
 
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None,
                                  environ: Optional[Mapping[str, str]] = None) -> bool:
-  """Starts ``jax.distributed`` when running as one of several processes.
-
-  * Any of the three arguments given → ``jax.distributed.initialize(coordinator_address,
-    num_processes, process_id)`` (all three are needed unless the cluster
-    environment supplies the rest).
-  * None given but :func:`looks_like_managed_cluster` → ``jax.distributed.initialize()``
-    with no arguments: JAX's own cluster detection (Slurm, Open MPI, …) fills them in.
-  * Otherwise nothing is done (single process).
+  """Starts ``jax.distributed`` when running as one of several processes (:func:`distributed_init_args`).
 
   Must be called before any other JAX call that touches devices.
 
   Returns:
     True if ``jax.distributed.initialize`` was called.
   """
-  if coordinator_address or num_processes is not None or process_id is not None:
-    logger.info("jax.distributed.initialize(%s, num_processes=%s, process_id=%s)",
-                 coordinator_address, num_processes, process_id)
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-    return True
-  if looks_like_managed_cluster(environ):
-    logger.info("managed cluster detected: jax.distributed.initialize() with auto-detection")
-    jax.distributed.initialize()
-    return True
-  return False
+  kwargs = distributed_init_args(coordinator_address, num_processes, process_id, environ)
+  if kwargs is None:
+    return False
+  logger.info("jax.distributed.initialize(%s) (%s)", ", ".join(f"{k}={v}" for k, v in kwargs.items()),
+              cluster_environment(environ) or "flags")
+  jax.distributed.initialize(**kwargs)
+  return True
