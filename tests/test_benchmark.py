@@ -67,3 +67,18 @@ def test_benchmark_profile_quick(tmp_path):
     assert {"backbone", "neck", "dcn"} <= regions
   train = res["results"][1]["profile"]
   assert any(k.startswith("conv-weight-grad/") for k in train["by_kind"])
+
+
+def test_accelerator_check_quick(tmp_path):
+  """``--what accelerator --quick``: the GPU/TPU check at a tiny size on whatever device JAX sees."""
+  out = tmp_path / "acc.json"
+  assert benchmark.main(["--what", "accelerator", "--quick", "--out", str(out)]) == 0
+  r = json.loads(out.read_text())["accelerator"]
+  peak = r["bf16_matmul_peak"]
+  assert peak["gflops"] == pytest.approx(2 * peak["n"] ** 3 / peak["seconds"] / 1e9)
+  (t,) = r["train"]
+  assert t["dtype"] == "bfloat16" and t["batch"] == 1 and t["images_per_s"] == pytest.approx(1 / t["seconds"])
+  assert t["ratio_to_bf16_peak"] == pytest.approx(t["gflops"] / peak["gflops"]) and t["peak_bytes"] > 0
+  assert [f["size"] for f in r["forward"]] == [64] and r["forward"][0]["images_per_s"] > 0
+  assert r["input"]["host_cores_needed"] == pytest.approx(t["images_per_s"] / r["input"]["images_per_cpu_s"])
+  assert not r["skipped"]

@@ -123,11 +123,11 @@ def _compile(fn, *args):
   return compiled, seconds, flops, peak
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
-  """Dense float32 ``(n, n) @ (n, n)`` rate of this backend: ``{'n', 'seconds', 'gflops'}``."""
+def matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> dict:
+  """Dense ``(n, n) @ (n, n)`` rate of this backend in ``dtype``: ``{'n', 'seconds', 'gflops'}``."""
 
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   compiled, _, _, _ = _compile(lambda x, y: x @ y, a, b)
   jax.block_until_ready(compiled(a, b))
   t = median_time(lambda: compiled(a, b), repeats)
@@ -297,6 +297,64 @@ def profile_cases(cases, *, runs: int = 3, quick: bool = False, config=None, log
   return {"matmul_peak": peak, "results": out}
 
 
+def bench_accelerator(*, quick: bool = False, batches=(16, 32, 64), budget_s: float = 420.0,
+                      log=print) -> dict:
+  """The accelerator check (issue 19): what the device JAX sees does with the full-size model.
+
+  On the first device: the bfloat16 matmul peak; the full-size ASFF training
+  step at 608 in bfloat16 for each batch in ``batches`` (stopping at the first
+  that does not fit or when ``budget_s`` is spent): images/s, % of the bf16
+  peak, XLA's memory estimate; the float32 eval forward at 416 and 608 at
+  batch 1 and 32 (images/s); and the official-recipe input pipeline (608,
+  mixup, one tf.data thread) in images per host-CPU-second, with the host cores
+  the fastest training step would need (is the host the bottleneck?).
+  ``quick``: a 1/8-width model at 64 px (CI smoke mode on any device).
+  """
+  t_start = time.perf_counter()
+  dev = jax.devices()[0]
+  res = {"what": "accelerator", "quick": quick, "device": str(dev.device_kind), "platform": dev.platform,
+         "device_count": jax.device_count(), "train": [], "forward": [], "skipped": []}
+  n = 512 if quick or dev.platform == "cpu" else 8192
+  res["bf16_matmul_peak"] = matmul_peak(n, repeats=3, dtype=jnp.bfloat16)
+  log(f"{dev.device_kind} ({dev.platform}, {jax.device_count()} devices): bf16 matmul peak "
+      f"{res['bf16_matmul_peak']['gflops']:.0f} GFLOP/s (n={n})")
+  train_size, fwd_sizes = (64, (64,)) if quick else (608, (416, 608))
+  over = lambda: time.perf_counter() - t_start > budget_s
+  for b in ((1,) if quick else batches):
+    if over():
+      res["skipped"].append(f"train batch {b}: time budget")
+      continue
+    try:
+      r = bench_case("train", "asff", train_size, b, "bfloat16", repeats=3, quick=quick)
+    except Exception as e:  # out of memory on this device, or a backend limit  pylint: disable=broad-except
+      res["skipped"].append(f"train batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      break
+    r.pop("_run"), r.pop("_compiled")
+    r.update(images_per_s=b / r["seconds"], ratio_to_bf16_peak=r["gflops"] / res["bf16_matmul_peak"]["gflops"])
+    res["train"].append(r)
+    log(f"train  asff {train_size} b{b:<3} bf16: {r['images_per_s']:8.1f} img/s  "
+        f"{100 * r['ratio_to_bf16_peak']:5.1f}% of bf16 peak  mem {r['peak_bytes'] / 2**30:6.2f} GiB  "
+        f"compile {r['compile_s']:.0f} s")
+  for size in fwd_sizes:
+    for b in (1,) if quick else (1, 32):
+      if over():
+        res["skipped"].append(f"forward {size} batch {b}: time budget")
+        continue
+      r = bench_case("forward", "asff", size, b, "float32", repeats=3, quick=quick)
+      r.pop("_run"), r.pop("_compiled")
+      r["images_per_s"] = b / r["seconds"]
+      res["forward"].append(r)
+      log(f"forward asff {size} b{b:<3} f32: {r['images_per_s']:8.1f} img/s  ({r['seconds'] * 1e3:.1f} ms)")
+  inp = pipeline.measure_throughput(size=128 if quick else 608, mixup=True, batch_size=8,
+                                    num_batches=3 if quick else 12, warmup_batches=1, threads=1)
+  best = max((r["images_per_s"] for r in res["train"]), default=float("nan"))
+  res["input"] = dict(inp, host_cores_needed=best / inp["images_per_cpu_s"])
+  log(f"input pipeline ({inp['size']} px, mixup, 1 thread): {inp['images_per_cpu_s']:.1f} img per CPU-second -> the "
+      f"fastest step ({best:.1f} img/s) needs {res['input']['host_cores_needed']:.1f} host cores")
+  res["seconds"] = time.perf_counter() - t_start
+  return res
+
+
 def format_row(r: dict) -> str:
   extra = f"  DCN {100 * r['dcn_share']:.0f}%" if "dcn_share" in r else ""
   if "ratio_to_official_time" in r:
@@ -320,7 +378,7 @@ def main(argv=None):
   """CLI entry point (absl flags): ``python -m asff_jax.benchmark --what ...``."""
 
   def define(fv, _argv):
-    flags.DEFINE_enum("what", "input", ["input", "model", "train", "all", "profile"],
+    flags.DEFINE_enum("what", "input", ["input", "model", "train", "all", "profile", "accelerator"],
                       "input pipeline, model forward, training step, all three, or op-level profiles "
                       "of the forward and training step (first size / batch / dtype)", flag_values=fv)
     flags.DEFINE_bool("quick", False, "tiny sizes, few batches (CI smoke mode)", flag_values=fv)
@@ -364,6 +422,9 @@ def main(argv=None):
         cases += [("train", m, size, int(f.batches[0]), dtype) for m in f.models]
       res["profile"] = profile_cases(cases, runs=1 if f.quick else f.repeats, quick=f.quick,
                                      config=config)
+    if f.what == "accelerator":
+      res["accelerator"] = bench_accelerator(quick=f.quick, batches=[int(b) for b in f.batches]
+                                             if f.batches != ["1", "8"] else (16, 32, 64))
     out = res["input"] if list(res) == ["input"] else res
     if f.out:
       with open(f.out, "w") as fh:
