@@ -90,8 +90,7 @@ def setup(tmp_path_factory):
     paths.append(tmp / f"img{i}.png")
     img.save(paths[-1])
   from asff_jax.tools.predict import predict_files
-  ref = predict_files(str(workdir), [str(p) for p in paths], str(tmp / "pred"), score_thre=SCORE_THRE,
-                      log=lambda s: None)
+  ref = predict_files(str(workdir), [str(p) for p in paths], str(tmp / "pred"), score_thre=SCORE_THRE)
   assert not ref["failed"]
   return tmp, workdir, paths, ref["detections"]
 
