@@ -1,52 +1,39 @@
-"""``experiments/asff_jax_colab.ipynb``: its code cells run end to end on a tiny digits config.
+"""``experiments/asff_jax_colab.ipynb`` runs as shipped: every code cell, unmodified, in a fresh kernel.
 
-Shell and magic lines (``!pip ...``, ``%cd``) are dropped; the parameters cell
-reads ``ASFF_NB_*`` environment variables, set here to a 1/8-width model on a
-tiny generated digits set, 2 training steps.
+The install cell detects that it is not on Colab and does nothing; ``ASFF_NB_SIZE=tiny`` makes
+the run a seconds-long smoke run (1/8-width model, a tiny generated digits set, 2 steps). Any cell
+that raises fails the test.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import write_tiny_digits_config
+import nbformat
+from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "asff_jax_colab.ipynb"
 
 
-def code_cells(path: Path) -> list[str]:
-  nb = json.loads(path.read_text())
-  assert nb["nbformat"] == 4
-  cells = []
-  for c in nb["cells"]:
-    if c["cell_type"] != "code":
-      continue
-    lines = [l for l in "".join(c["source"]).splitlines() if not l.lstrip().startswith(("!", "%"))]
-    cells.append("\n".join(lines))
-  return cells
+def test_notebook_is_what_its_generator_writes():
+  spec = importlib.util.spec_from_file_location("make_nb", REPO / "experiments" / "make_colab_notebook.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert NOTEBOOK.read_text() == mod.render(), "run python experiments/make_colab_notebook.py"
 
 
-@pytest.mark.slow  # ~2 min on 2 cores (four compilations of the tiny model): run with pytest -m slow
-def test_notebook_runs_on_tiny_config(tmp_path, monkeypatch):
-  cfg = write_tiny_digits_config(tmp_path, num_train=24, num_val=6, eval_at_end=False)
+def test_notebook_executes_unmodified(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
-  monkeypatch.setenv("ASFF_NB_CONFIG", str(cfg))
+  monkeypatch.setenv("ASFF_NB_SIZE", "tiny")
   monkeypatch.setenv("ASFF_NB_WORKDIR", str(workdir))
-  monkeypatch.setenv("ASFF_NB_STEPS", "2")
-  monkeypatch.setenv("ASFF_NB_IMAGES", "2")
-  monkeypatch.chdir(REPO)
-  ns: dict = {}
-  for i, src in enumerate(code_cells(NOTEBOOK)):
-    exec(compile(src, f"{NOTEBOOK.name}[cell {i}]", "exec"), ns)  # pylint: disable=exec-used
-  assert set(("AP", "AP50")) <= set(ns["metrics"]) and ns["metrics"]["step"] == 2
-  assert len(ns["res"]["detections"]) == 2 and not ns["res"]["failed"]
-  assert any(p.name.endswith("_fusion.png") for p in (workdir / "predictions").iterdir())
-  summary = ns["summary"]
-  assert set(summary) == {0, 1, 2}
-  assert sum(s["num_positive"] for s in summary.values()) > 0
-  assert os.path.exists(workdir / "eval" / "val_metrics.json")
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO / "experiments")}})
+  client.execute()  # raises CellExecutionError if a cell fails
+  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  assert "batch 2 x 2 steps" in text and "AP50" in text and "detections" in text and "level 2:" in text
+  assert (workdir / "figures" / "figure3.png").stat().st_size > 0
+  assert (workdir / "checkpoints" / "2").is_dir() and os.path.exists(workdir / "eval" / "val_metrics.json")
