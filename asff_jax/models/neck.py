@@ -3,7 +3,7 @@
 Produces the three fusion inputs, coarsest first (the official "level 0" is
 stride 32): ``P5`` (512 ch, /32), ``P4`` (256 ch, /16), ``P3`` (256 ch, /8).
 Submodule ``layer_{i}`` is the ASFF model's ``module_list.{i}``; the baseline
-model numbers the same layers differently (see :mod:`asff_jax.tools.convert`).
+model numbers the same layers differently (see :mod:`asff_jax.models.official_weights`).
 
 Concat order is always [upsampled top-down feature, backbone skip]. DropBlock
 sits after layers 15, 21 and 28 (official indices 16, 22, 29).

@@ -1,6 +1,6 @@
 """Official PyTorch names of the detector's modules (spec §2–§4): Flax path → state-dict prefix.
 
-Used by the converter (:mod:`asff_jax.tools.convert`) and by the official
+Used by the converter (:mod:`asff_jax.models.official_weights`) and by the official
 ``--nowd`` weight-decay rule (:mod:`asff_jax.training.optim`).
 
 ==========================================  ===========================================

@@ -42,7 +42,7 @@ from asff_jax.data import loader, transforms
 from asff_jax.errors import DataError
 from asff_jax.evaluation import inference
 from asff_jax.models import create_model
-from asff_jax.tools import convert
+from asff_jax.models import official_weights
 from asff_jax.training import checkpoints
 
 
@@ -150,7 +150,7 @@ class Detector:
   def from_pth(cls, pth: str, config, **kwargs) -> "Detector":
     """Official PyTorch weights (``.pth``, converted on the fly; needs torch) for ``config`` (path or config)."""
     config = _config(config)
-    return cls(config, convert.variables_from_official(convert.load_official_checkpoint(pth), config), **kwargs)
+    return cls(config, official_weights.variables_from_official(official_weights.load_official_checkpoint(pth), config), **kwargs)
 
   # -- inference -------------------------------------------------------------
 

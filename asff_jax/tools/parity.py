@@ -5,7 +5,7 @@ regenerated from ``state_dict_spec*.json`` by this rule, per entry in order:
 ``z = numpy.random.default_rng(seed).standard_normal(shape)`` in float64
 (``abs(z)`` for rule ``abs_normal``), ``value = offset + scale·z`` cast to
 float32; rule ``zeros`` gives zeros of the stated dtype. Converting such a
-state dict with :func:`asff_jax.tools.convert.variables_from_official` and running
+state dict with :func:`asff_jax.models.official_weights.variables_from_official` and running
 our model must reproduce the stored official outputs.
 """
 
@@ -23,7 +23,7 @@ from absl import flags
 from asff_jax import cli
 from asff_jax.config import default_model_config
 from asff_jax.models import create_model
-from asff_jax.tools.convert import variables_from_official
+from asff_jax.models.official_weights import variables_from_official
 
 
 def state_dict_from_spec(path: str | os.PathLike) -> dict[str, np.ndarray]:
