@@ -102,10 +102,15 @@ def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
   return value
 
 
-def define_config_from_file(fv: flags.FlagValues, required: bool = True) -> None:
-  """``--config FILE`` (a ``get_config()`` file) with ``--config.key=value`` overrides."""
+def define_config_from_file(fv: flags.FlagValues, argv: Optional[Sequence[str]] = None,
+                            required: bool = True) -> None:
+  """``--config FILE`` (a ``get_config()`` file) with ``--config.key=value`` overrides.
+
+  ``argv`` (with the program name): the arguments the overrides are found in
+  (ml_collections defines one flag per override it sees; default ``sys.argv``).
+  """
   config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True,
-                                  flag_values=fv)
+                                  flag_values=fv, sys_argv=None if argv is None else list(argv))
   if required:
     flags.mark_flags_as_required(["config"], flag_values=fv)
 
@@ -127,10 +132,11 @@ def define_model_source_flags(fv: flags.FlagValues, argv: Sequence[str], prog: s
   if workdir is None and pth is None:
     raise UserError("--workdir DIR is required" + (" (or --pth F.pth --config FILE)" if allow_pth else ""))
   if config_file is not None:
-    define_config_from_file(fv, required=False)
+    define_config_from_file(fv, argv, required=False)
   elif workdir is not None:
     config_flags.DEFINE_config_dict("config", config_lib.load_workdir_config(workdir),
-                                    "config (default: the workdir's config.json)", flag_values=fv)
+                                    "config (default: the workdir's config.json)", flag_values=fv,
+                                    sys_argv=list(argv))
   else:
     raise UserError("--pth needs --config FILE (the config of that model, e.g. configs/coco_asff_608.py)")
   flags.DEFINE_string("workdir", None, "Training or convert workdir.", flag_values=fv)

@@ -32,6 +32,9 @@ top level
   ignore threshold) and the paper's adjacent-ignore option.
 ``optimizer`` / ``schedule``
   :mod:`asff_jax.training.optim`: official SGD and LR schedules.
+``init``
+  start from weights: a checkpoint or official ``.pth``, include/exclude
+  regexes, freezing (:mod:`asff_jax.training.warm_start`).
 ``eval``
   test-time settings (spec §5) and periodic evaluation.
 ``debug``
@@ -203,6 +206,31 @@ def _schedule() -> ml_collections.ConfigDict:
   return s
 
 
+def _init() -> ml_collections.ConfigDict:
+  """Start from weights (:mod:`asff_jax.training.warm_start`); step 0 only, a resumed run ignores it.
+
+  * ``checkpoint``: None (fresh init), an official ``.pth`` (converted on the
+    fly: the official backbone file ``darknet53_feature_mx.pth`` or a full
+    detector), a workdir (its latest checkpoint; EMA params if it kept them)
+    or a checkpoint's ``.../checkpoints/<step>/state`` folder.
+  * ``include`` / ``exclude``: regexes (``re.search``) over the parameter path
+    ``module/.../leaf`` (e.g. ``backbone/``, ``head_\\d/conv``); None = all /
+    none. A leaf loads when it is included, not excluded, present in the
+    source and of the same shape; the prediction convs of another class count
+    load their box and objectness channels and keep fresh class channels.
+  * ``freeze``: regex over the same paths; matching parameters get no update
+    (zero gradient, no weight decay, unchanged EMA) and the batch norms whose
+    ``scale`` matches run in eval mode (running statistics, not updated).
+    Independent of ``checkpoint``.
+  """
+  i = ml_collections.ConfigDict()
+  i.checkpoint = placeholder(str)
+  i.include = placeholder(str)
+  i.exclude = placeholder(str)
+  i.freeze = placeholder(str)
+  return i
+
+
 def _eval() -> ml_collections.ConfigDict:
   """Test-time settings (spec §5) and periodic evaluation."""
   e = ml_collections.ConfigDict()
@@ -214,6 +242,7 @@ def _eval() -> ml_collections.ConfigDict:
   e.max_detections = 100  # COCO's cap per image
   e.max_images = 0  # > 0: periodic evaluation on the first N images only
   e.use_ema = True  # evaluate the EMA parameters when the run keeps them
+  e.results_name = "asff_jax"  # images-only splits: detections_<split>_<results_name>_results.json
   return e
 
 
@@ -242,6 +271,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss = _loss()
   c.optimizer = _optimizer()
   c.schedule = _schedule()
+  c.init = _init()
   c.eval = _eval()
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_at_steps = ()  # poison the images of these steps with NaN (tests)

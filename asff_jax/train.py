@@ -48,7 +48,7 @@ from asff_jax import progress  # noqa: E402
 from asff_jax.data import loader  # noqa: E402
 from asff_jax.evaluation import evaluator  # noqa: E402
 from asff_jax.models import create_model, losses  # noqa: E402
-from asff_jax.training import checkpoints, optim  # noqa: E402
+from asff_jax.training import checkpoints, optim, warm_start  # noqa: E402
 from asff_jax.training import sharding as shd  # noqa: E402
 from asff_jax.training.state import TrainState, abstract_train_state, create_train_state  # noqa: E402
 from asff_jax.training.step import dropblock_for_step, make_train_step_fn  # noqa: E402
@@ -151,6 +151,17 @@ def _poison(batch: Batch, step: int, nan_steps) -> Batch:
   return batch
 
 
+def _warm_start(state: TrainState, config, sharding, is_main: bool) -> TrainState:
+  """The step-0 state with ``config.init.checkpoint`` laid over its variables (and EMA)."""
+  variables, report = warm_start.warm_start(shd.to_host(state.variables), config)
+  if is_main:
+    logger.info("%s", report)
+  variables = jax.device_put(variables, sharding)
+  ema = jax.tree.map(jnp.copy, variables["params"]) if state.ema_params else state.ema_params
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                       ema_params=ema)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        evaluate_fn: Optional[EvaluateFn] = None,
                        train_iter_fn: Optional[Callable[[object, int], Iterator[Batch]]] = None,
@@ -186,6 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config_lib.write_config_json(config, os.path.join(workdir, "config.json"))
     for message in config_lib.schedule_fit_messages(config):
       logger.warning("%s", message)
+    crowded = loader.crowding_message(source, config)
+    if crowded:
+      logger.warning("%s", crowded)
 
   mesh = shd.make_mesh(devices)
   shd.check_batch_size(int(config.batch_size), mesh)
@@ -203,11 +217,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   latest = mngr.latest_step()
   if latest is not None:
     logger.info("resuming from %s/checkpoints/%d", workdir, latest)
+    if config.init.checkpoint:
+      logger.info("init.checkpoint=%s ignored: the resumed state already holds the loaded weights",
+                  config.init.checkpoint)
     state = checkpoints.restore(mngr, abstract_train_state(model, opt.tx, input_shape, sharding=repl,
                                                            use_ema=use_ema), latest)
   else:
     init_key = jax.random.key(int(config.seed), impl=config.init_rng_impl)
     state = create_train_state(model, opt.tx, init_key, input_shape, sharding=repl, use_ema=use_ema)
+    if config.init.checkpoint:
+      state = _warm_start(state, config, repl, is_main)
   start_step = int(shd.to_host(state.step))
 
   step_fn = make_train_step_fn(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn,
@@ -323,8 +342,8 @@ def _summary(step: int, seconds: float, workdir: str, metrics: Mapping[str, floa
 def main(argv=None):
   """CLI entry point (absl flags): parses flags and calls :func:`train_and_evaluate`."""
 
-  def define(fv, _argv):
-    cli.define_config_from_file(fv)
+  def define(fv, argv_):
+    cli.define_config_from_file(fv, argv_)
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs, config.json).", flag_values=fv)
     flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", flag_values=fv)

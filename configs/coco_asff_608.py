@@ -1,9 +1,15 @@
 """YOLOv3 + ASFF at 608: the official ``--asff`` model (paper Table 3: 40.6 AP on val2017; Table 4:
 40.7 on test-dev; official README 40.6).
 
-Train (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+Train as the paper did (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
 
-    python -m asff_jax.train --config configs/coco_asff_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR
+    python -m asff_jax.train --config configs/coco_asff_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR \\
+        --config.init.checkpoint=weights/darknet53_feature_mx.pth
+
+``init.checkpoint`` is the official ImageNet (mixup) Darknet-53 file the official recipe starts
+from (spec §7; keys ``module_list.0``-``10``, loaded into the backbone, everything else fresh;
+the printed init report lists what was loaded). Without it the backbone starts from random
+weights, which the paper's AP does not assume.
 
 Load the official weights (YOLOv3-ASFF_40.6.pth) with::
 

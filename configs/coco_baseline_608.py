@@ -3,9 +3,15 @@
 SPP, guided anchors with deformable feature adaption, anchor-free slot: the same backbone, neck
 and heads as ASFF, with a per-level 3x3 conv in place of fusion.
 
-Train (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
+Train as the paper did (official recipe, :func:`asff_jax.config.coco_recipe`; TFDS ``coco/2017`` prepared in ``DATA_DIR``)::
 
-    python -m asff_jax.train --config configs/coco_baseline_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR
+    python -m asff_jax.train --config configs/coco_baseline_608.py --workdir DIR --config.dataset.data_dir=DATA_DIR \\
+        --config.init.checkpoint=weights/darknet53_feature_mx.pth
+
+``init.checkpoint`` is the official ImageNet (mixup) Darknet-53 file the official recipe starts
+from (spec §7; keys ``module_list.0``-``10``, loaded into the backbone, everything else fresh;
+the printed init report lists what was loaded). Without it the backbone starts from random
+weights, which the paper's AP does not assume.
 
 Load the official weights (the baseline weights) with::
 

@@ -3,12 +3,15 @@
 All modules are ``flax.linen``, NHWC, and take ``train`` explicitly. Parameters
 are float32; ``dtype`` is the compute dtype (``jnp.bfloat16`` for mixed
 precision). Submodule names follow the official PyTorch names where one exists
-(``conv``, ``batch_norm``) so that :mod:`asff_jax.tools.convert` maps them by rule.
+(``conv``, ``batch_norm``) so that :mod:`asff_jax.models.official_weights` maps them by rule.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+import re
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,6 +37,32 @@ def scaled_channels(channels: int, width: float) -> int:
   if width == 1.0:
     return channels
   return max(8, int(round(channels * width / 8.0)) * 8)
+
+
+_FROZEN_BN: contextvars.ContextVar = contextvars.ContextVar("asff_jax_frozen_bn", default=None)
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(pattern: Optional[str]):
+  """Within this context, every :class:`BatchNorm` whose ``scale`` path matches ``pattern`` runs in eval mode.
+
+  ``pattern`` is a regex (``re.search``) over ``module/.../scale`` parameter
+  paths (the ``init.freeze`` of :mod:`asff_jax.config`); None freezes nothing.
+  Such a batch norm normalises with its running statistics and leaves them
+  unchanged even with ``train=True`` (mmdetection's ``norm_eval`` for frozen
+  stages). It acts while the model is *traced*, so wrap the ``model.apply``
+  inside the jitted function.
+  """
+  token = _FROZEN_BN.set(re.compile(pattern) if pattern else None)
+  try:
+    yield
+  finally:
+    _FROZEN_BN.reset(token)
+
+
+def _in_frozen_scope(path) -> bool:
+  pattern = _FROZEN_BN.get()
+  return pattern is not None and pattern.search("/".join(path) + "/scale") is not None
 
 
 class BatchNorm(nn.Module):
@@ -64,7 +93,7 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if train:
+    if train and not _in_frozen_scope(self.scope.path):
       xf = x.astype(jnp.float32)
       mean = jnp.mean(xf, axis=(0, 1, 2))
       var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))

@@ -28,7 +28,7 @@ Keys:
   - ``'official_nowd'``: the official ``--nowd`` rule, decay only on parameters
     whose *official PyTorch name* contains ``"conv.weight"``. The Flax path of
     each parameter is mapped to its official name with
-    :func:`asff_jax.tools.convert.official_module_name`, so this is exact for the
+    :func:`asff_jax.models.official_names.official_module_name`, so this is exact for the
     official variants: the kernels of ``add_conv`` blocks (module ``…/conv``),
     the head's output conv (``head_l/conv``) and the deformable conv
     (``dconv.weight`` contains the substring); **not** decayed are the ASFF
@@ -87,6 +87,7 @@ import optax
 
 from asff_jax import config as config_lib
 from asff_jax.errors import ConfigError
+from asff_jax.training import warm_start
 from asff_jax.models.official_names import official_module_name
 
 Schedule = Callable[[Any], jax.Array]
@@ -266,7 +267,8 @@ def make_optimizer(config, params) -> Optimizer:
   Args:
     config: resolved config (``optimizer``, ``schedule``, ``batch_size`` (global),
       ``steps_per_epoch``, ``num_train_steps``, ``model.fusion``).
-    params: the params tree (or its ``jax.eval_shape``), for the decay mask.
+    params: the params tree (or its ``jax.eval_shape``), for the decay mask
+      (parameters frozen by ``init.freeze`` are never decayed).
 
   Returns:
     :class:`Optimizer`. ``tx.init(params)`` gives a state whose
@@ -281,6 +283,9 @@ def make_optimizer(config, params) -> Optimizer:
   base_lr = scaled_base_lr(o, int(config.batch_size))
   lr_fn = make_schedule(config, base_lr=base_lr)
   mask = weight_decay_mask(params, o.weight_decay_on, fusion=config.model.fusion)
+  frozen = warm_start.frozen_mask(params, config.init.freeze) if "init" in config else None
+  if frozen is not None:  # frozen parameters get no decay (their gradient is zeroed in the step)
+    mask = jax.tree.map(lambda m, f: bool(m) and not f, mask, frozen)
   clip = float(o.clip_grad_norm)
   if o.name == "sgd":
     tx = optax.inject_hyperparams(_official_sgd, static_args=("mask", "nesterov", "clip"))(

@@ -16,6 +16,11 @@ no host sync). The skipped step still counts in ``state.step`` (the batch is
 consumed) and in ``state.nonfinite_count``; the loop stops after
 ``max_consecutive_nonfinite`` in a row.
 
+Frozen parameters (``init.freeze``)
+-----------------------------------
+Matching parameters get a zero gradient and keep their old value and EMA;
+their batch norms run in eval mode (:mod:`asff_jax.training.warm_start`).
+
 DropBlock (spec §7)
 -------------------
 :func:`dropblock_for_step` gives the static DropBlock setting of a step; each
@@ -32,7 +37,9 @@ import jax.numpy as jnp
 import optax
 
 from asff_jax import config as config_lib
+from asff_jax.models.layers import frozen_batch_norm
 from asff_jax.training import optim
+from asff_jax.training import warm_start
 from asff_jax.training import sharding as shd
 from asff_jax.training.state import TrainState
 
@@ -89,12 +96,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, conf
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(config.seed)), 1), state.step)
   extra = {"dropblock": dropblock} if dropblock is not None else {}
 
+  freeze = config.init.freeze if "init" in config else None
+  frozen = warm_start.frozen_mask(state.params, freeze) if freeze else None
+
   def compute_loss(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    return loss_fn(variables, batch["images"], batch["labels"], model=model, config=config,
-                   train=True, rng=rng, **extra)
+    with frozen_batch_norm(freeze):
+      return loss_fn(variables, batch["images"], batch["labels"], model=model, config=config,
+                     train=True, rng=rng, **extra)
 
   (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+  if frozen is not None:  # init.freeze: no gradient into the frozen parameters
+    grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
   aux = dict(aux)
   new_batch_stats = aux.pop("batch_stats")
   finite = jnp.isfinite(loss) & all_finite(grads)
@@ -105,6 +118,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, conf
     new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, new_params)
   else:
     new_ema = state.ema_params
+
+  if frozen is not None:  # bit-identical frozen leaves (and their EMA) whatever the optimizer does
+    new_params = jax.tree.map(lambda n, o, f: o if f else n, new_params, state.params, frozen)
+    if ema_decay > 0:
+      new_ema = jax.tree.map(lambda n, o, f: o if f else n, new_ema, state.ema_params, frozen)
 
   def pick(new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
