@@ -322,3 +322,26 @@ def test_class_agnostic_ignores_wrong_labels_and_results_json_round_trip(tmp_pat
   bad.write_text(json.dumps([{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}]))
   with pytest.raises(ValueError, match="bad.json.*image 99"):
     CocoEvaluator(make_gt(IMAGES, GT_ANNS)).add_results_json(bad)
+
+
+def test_per_class_ap_table():
+  """Class 7 found perfectly (AP 1), class 1 only by a false positive (AP 0), class 3 without GT (-1)."""
+  gt = make_gt([(1, 100, 100), (2, 100, 100)],
+               [(1, 7, [10, 10, 20, 20], 0), (2, 7, [50, 50, 30, 30], 0), (2, 1, [5, 5, 10, 10], 0)])
+  ev = CocoEvaluator(gt)
+  label = ev.class_ids.index  # contiguous labels follow the sorted category ids
+  ev.add(1, np.array([xywh_to_xyxy([10, 10, 20, 20])]), np.array([0.9]), np.array([label(7)]),
+         input_hw=(100, 100))
+  ev.add(2, np.array([xywh_to_xyxy([50, 50, 30, 30]), [60, 0, 90, 20]]), np.array([0.8, 0.7]),
+         np.array([label(7), label(1)]), input_hw=(100, 100))
+  summary = ev.evaluate()
+  table = {r["category_id"]: r for r in ev.per_class()}
+  assert [r["category_id"] for r in ev.per_class()] == sorted(CATS)
+  assert table[7]["AP"] == pytest.approx(1.0) and table[7]["AP50"] == pytest.approx(1.0)
+  assert table[1]["AP"] == 0.0 and table[1]["AP50"] == 0.0
+  assert table[3]["AP"] == -1.0 and table[3]["num_gt"] == 0
+  assert (table[7]["num_gt"], table[1]["num_gt"], table[7]["name"]) == (2, 1, "c7")
+  # the summary AP is the mean over the categories with ground truth
+  assert summary["AP"] == pytest.approx(0.5) == pytest.approx(np.mean([table[7]["AP"], table[1]["AP"]]))
+  ev.evaluate(class_agnostic=True)
+  assert ev.per_class() == []

@@ -170,3 +170,26 @@ def test_cli_reads_pth_and_writes_orbax(tmp_path):
   res = subprocess.run([sys.executable, "-m", "asff_jax.convert", f"--pth={bad}", f"--config={cfg_file}",
                         f"--out={out_dir}2"], capture_output=True, text=True, cwd=REPO)
   assert res.returncode != 0 and "bad.pth: cannot read" in res.stderr
+
+def test_evaluate_pth_one_liner_matches_evaluating_the_variables(tmp_path, capsys):
+  """``evaluate --pth F.pth --config FILE``: the metrics of the converted weights, and the per-class table."""
+  from asff_jax import evaluate  # pylint: disable=import-outside-toplevel  (CLI module, this test only)
+  from asff_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel  (this test only)
+  from asff_jax.models import random_variables  # pylint: disable=import-outside-toplevel  (this test only)
+  from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel  (this test only)
+
+  config = tiny_config()
+  variables = random_variables(create_model(config), seed=4)
+  torch.save({k: torch.from_numpy(v) for k, v in variables_to_official(variables, config).items()},
+             tmp_path / "w.pth")
+  out = tmp_path / "eval_w"
+  code = evaluate.main([f"--pth={tmp_path / 'w.pth'}", f"--config={REPO / 'configs' / 'tiny.py'}",
+                        f"--out_dir={out}"])
+  printed = capsys.readouterr().out
+  assert code == 0
+  got = json.loads((out / f"{config.dataset.eval_split}_metrics.json").read_text())
+  want = evaluator.evaluate_variables(config, variables, max_images=0, show_progress=False, per_class=True)
+  for k in ("AP", "AP50", "AP75", "AP_agnostic"):
+    assert got[k] == pytest.approx(want[k], abs=1e-6), k
+  assert [r["category_id"] for r in got["per_class"]] == [r["category_id"] for r in want["per_class"]]
+  assert "class_0" in printed and "#GT" in printed and "AP50" in printed

@@ -112,6 +112,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -157,8 +158,28 @@ class CocoFormatError(DataError):
 
 
 def annotation_path(root, split: str) -> Path:
-  """``root/annotations/instances_<split>.json``."""
-  return Path(root) / "annotations" / f"instances_{split}.json"
+  """``root/annotations/instances_<split>.json``, or COCO's images-only ``image_info_<split>.json``.
+
+  The instances file wins when both exist; when neither does the instances
+  path is returned (the error then names it).
+  """
+  ann = Path(root) / "annotations"
+  instances, info = ann / f"instances_{split}.json", ann / f"image_info_{split}.json"
+  return info if info.exists() and not instances.exists() else instances
+
+
+def image_folder(root, split: str) -> Path:
+  """``root/<split>``; for COCO's ``test-dev<year>`` (whose images live in ``test<year>/``) that folder."""
+  folder = Path(root) / split
+  m = re.fullmatch(r"test-dev(\d{4})", split)
+  if not folder.exists() and m:
+    return Path(root) / f"test{m.group(1)}"
+  return folder
+
+
+def is_images_only(data: dict) -> bool:
+  """An images-only split (COCO test-dev's ``image_info_*.json``): no ``annotations`` key."""
+  return "annotations" not in data
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +227,9 @@ def load_annotations(json_path) -> dict:
     raise CocoFormatError(f"{path}: malformed json: {e}") from e
   if not isinstance(data, dict):
     raise CocoFormatError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
-  for key in ("images", "annotations", "categories"):
+  # images only (COCO test-dev's image_info_*.json): no 'annotations' needed
+  for key in ("images", "categories") if path.name.startswith("image_info_") else (
+      "images", "annotations", "categories"):
     if key not in data:
       raise CocoFormatError(f"{path}: missing required top-level key '{key}'")
     if not isinstance(data[key], list):
@@ -231,7 +254,7 @@ def load_annotations(json_path) -> dict:
   if not data["categories"]:
     raise CocoFormatError(f"{path}: 'categories' is empty")
   bbox_ok = lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(map(_is_number, v))
-  for i, a in enumerate(data["annotations"]):
+  for i, a in enumerate(data.get("annotations", [])):
     _require(a, "id", "annotations", i, path, is_int, "an integer")
     _require(a, "image_id", "annotations", i, path, is_int, "an integer")
     _require(a, "category_id", "annotations", i, path, is_int, "an integer")
@@ -403,6 +426,7 @@ class _Counter:
     self.logged = collections.Counter()
     self.skipped: list[dict] = []
     self.converted_modes = collections.Counter()
+    self.boxes_per_image = collections.Counter()  # non-crowd boxes kept -> images
 
   def add(self, key: str, n: int = 1, message: Optional[str] = None):
     self.counts[key] += n
@@ -430,9 +454,9 @@ def _index_annotations(data: dict, json_path: Path, counter: _Counter) -> _Valid
   image_ids = {im["id"] for im in data["images"]}
   anns_by_image = collections.defaultdict(list)
   seen_ids = set()
-  next_id = max((a["id"] for a in data["annotations"]), default=0) + 1
+  next_id = max((a["id"] for a in data.get("annotations", [])), default=0) + 1
   new_ids = {}
-  for a in data["annotations"]:
+  for a in data.get("annotations", []):
     if a["id"] in seen_ids:
       counter.add("ann_duplicate_id", message=f"{json_path}: duplicate annotation id {a['id']}; "
                   f"both kept, the later one gets id {next_id} in {GT_FILE}")
@@ -495,8 +519,9 @@ def _iter_split(root: Path, split: str, json_path: Path, data: dict, max_image_s
   """Yield ``(key, record)`` for each usable image, filling counts and the cleaned GT."""
   v = _index_annotations(data, json_path, counter)
   counter.counts["images_in_json"] = len(v.images)
-  counter.counts["annotations_in_json"] = len(data["annotations"])
+  counter.counts["annotations_in_json"] = len(data.get("annotations", []))
   warned_cats: set = set()
+  images = image_folder(root, split)
   t0 = last = time.time()
   n = len(v.images)
   for i, im_info in enumerate(v.images):
@@ -505,7 +530,7 @@ def _iter_split(root: Path, split: str, json_path: Path, data: dict, max_image_s
       rate = i / max(last - t0, 1e-9)
       print(f"[coco_folder] {split}: {i}/{n} images ({100 * i / n:.1f}%), {rate:.0f} img/s, "
             f"kept {counter.counts['images_kept']}", flush=True)
-    path = root / split / im_info["file_name"]
+    path = images / im_info["file_name"]
     name = str(path)
     try:
       try:
@@ -540,6 +565,7 @@ def _iter_split(root: Path, split: str, json_path: Path, data: dict, max_image_s
       counter.add("image_all_boxes_dropped")
     counter.counts["images_kept"] += 1
     counter.counts["boxes_kept"] += len(kept)
+    counter.boxes_per_image[int(len(kept) - crowd.sum())] += 1
     counter.counts["crowd_boxes_kept"] += int(crowd.sum())
     gt_images.append({"id": im_info["id"], "file_name": im_info["file_name"],
                       "width": img.width, "height": img.height})
@@ -613,6 +639,7 @@ def _builder_class():
       self._counter = _Counter()
       self._gt_images, self._gt_anns = [], []
       self._categories = sorted(data["categories"], key=lambda c: c["id"])
+      self._info_keys = {k: None for k in data}
       yield from _iter_split(self._root, self._split, self._json_path, data, self._max_side,
                              self._counter, self._gt_images, self._gt_anns,
                              self._progress_every, self._progress)
@@ -633,6 +660,8 @@ def _builder_class():
           "counts": dict(self._counter.counts),
           "converted_modes": dict(self._counter.converted_modes),
           "skipped_images": self._counter.skipped, "categories": cats,
+          "images_only": is_images_only(self._info_keys),
+          "boxes_per_image": {str(k): v for k, v in sorted(self._counter.boxes_per_image.items())},
       }
       with open(out / REPORT_FILE, "w") as f:
         json.dump(self.report, f, indent=1)
@@ -680,17 +709,67 @@ class PreparedSplit:
     return builder.as_data_source(split=self.split_key)
 
 
-def _fingerprint(root: Path, split: str, json_path: Path, max_image_side) -> str:
-  h = hashlib.sha256()
+_FINGERPRINTS: dict = {}  # (json path, size, mtime_ns) -> sha256 state after the bytes: hashed once per process
+
+
+def _json_digest(json_path: Path):
   try:
-    with open(json_path, "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 22), b""):
-        h.update(chunk)
+    st = os.stat(json_path)
   except FileNotFoundError:
     raise CocoFormatError(f"{json_path}: annotation json not found "
                           f"(expected ROOT/annotations/instances_<split>.json)") from None
+  key = (os.fspath(json_path), st.st_size, st.st_mtime_ns)
+  if key not in _FINGERPRINTS:
+    h = hashlib.sha256()
+    with open(json_path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    _FINGERPRINTS[key] = h
+  return _FINGERPRINTS[key].copy()
+
+
+def _fingerprint(root: Path, split: str, json_path: Path, max_image_side) -> str:
+  h = _json_digest(json_path)  # the same digest as hashing the bytes here, without re-reading them
   h.update(f"\0{root}\0{split}\0{PREP_VERSION}\0{max_image_side}".encode())
   return h.hexdigest()[:16]
+
+
+def boxes_per_image(report: dict) -> Optional[np.ndarray]:
+  """``counts[n]`` = images with ``n`` non-crowd boxes kept, from a preparation report (None if absent)."""
+  hist = report.get("boxes_per_image")
+  if hist is None:
+    return None
+  n = max((int(k) for k in hist), default=0)
+  counts = np.zeros(n + 1, np.int64)
+  for k, v in hist.items():
+    counts[int(k)] = int(v)
+  return counts
+
+
+def crowding(counts: np.ndarray, max_boxes: int) -> dict:
+  """What a per-image cap of ``max_boxes`` drops, given :func:`boxes_per_image` counts.
+
+  Returns ``{'images', 'boxes_dropped', 'largest', 'median', 'p99'}``:
+  images above the cap, boxes beyond it, the largest count, the median and
+  99th percentile of boxes per image.
+  """
+  n = np.arange(len(counts))
+  over = n > max_boxes
+  cum = np.cumsum(counts)
+  total = int(cum[-1]) if len(cum) else 0
+  pct = lambda q: int(np.searchsorted(cum, q * total)) if total else 0
+  return {"images": int(counts[over].sum()), "boxes_dropped": int(((n - max_boxes) * counts)[over].sum()),
+          "largest": int(n[counts > 0].max()) if total else 0, "median": pct(0.5), "p99": pct(0.99)}
+
+
+def format_boxes_per_image(report: dict, max_boxes: int = 50) -> str:
+  """One summary line: median / 99th percentile / largest boxes per image and images above ``max_boxes``."""
+  counts = boxes_per_image(report)
+  if counts is None:
+    return ""
+  c = crowding(counts, max_boxes)
+  return (f"  boxes per image: median {c['median']}, 99th percentile {c['p99']}, largest "
+          f"{c['largest']}; {c['images']} images have more than {max_boxes}")
 
 
 def format_report(counts: dict) -> str:
@@ -751,7 +830,7 @@ def prepare_coco_folder(root, split: str, data_dir=None, *,
   report = builder.report
   if progress:
     print(f"[coco_folder] {split}: prepared in {time.time() - t0:.1f} s; summary:\n"
-          f"{format_report(report['counts'])}", flush=True)
+          f"{format_report(report['counts'])}\n{format_boxes_per_image(report)}", flush=True)
   return PreparedSplit(key, version_dir, version_dir / GT_FILE, report)
 
 

@@ -11,10 +11,10 @@ side and the default evaluation side), ``random_resize``, ``sizes``,
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 from asff_jax import config as config_lib
-from asff_jax.data import pipeline
+from asff_jax.data import coco_folder, pipeline
 from asff_jax.data.sources import open_source
 
 
@@ -32,6 +32,31 @@ def dataset_info(source) -> dict:
   """The facts :func:`asff_jax.config.resolve_config` records from a training source."""
   return {"num_train_examples": len(source), "class_names": list(source.class_names),
           "category_ids": list(source.category_ids)}
+
+
+def crowding_message(source, config) -> Optional[str]:
+  """A warning when training images have more boxes than the per-image caps keep, else None.
+
+  The caps are ``dataset.max_raw_boxes`` (source boxes carried through
+  augmentation) and ``dataset.max_boxes`` (label rows after it); boxes beyond
+  ``min`` of the two are dropped (spec §8: the official loader keeps 50). The
+  counts come from the preparation report's boxes-per-image histogram
+  (``coco_folder`` and ``digits`` sources; other sources give None).
+  """
+  report = getattr(source, "report", None) or {}
+  counts = coco_folder.boxes_per_image(report)
+  cap = min(int(config.dataset.max_boxes), int(config.dataset.max_raw_boxes))
+  if counts is None:
+    return None
+  c = coco_folder.crowding(counts, cap)
+  if not c["images"]:
+    return None
+  return (f"{c['images']} of {int(counts.sum())} training images have more than {cap} boxes "
+          f"(dataset.max_boxes={int(config.dataset.max_boxes)}, dataset.max_raw_boxes="
+          f"{int(config.dataset.max_raw_boxes)}): {c['boxes_dropped']} boxes are dropped per epoch, "
+          f"the largest image has {c['largest']}; --config.dataset.max_boxes={c['largest']} "
+          f"--config.dataset.max_raw_boxes={c['largest']} keeps them all (the loss then costs more "
+          "per step); see README 'Crowded scenes'")
 
 
 def train_schedule(config) -> pipeline.TrainSchedule:

@@ -265,6 +265,36 @@ class CocoEvaluator:
         self._seen.add(r["image_id"])
         self._image_ids.append(r["image_id"])
 
+  def per_class(self) -> list[dict[str, Any]]:
+    """Per-category AP of the last (per-category) :meth:`evaluate`, as pycocotools accumulates it.
+
+    From ``COCOeval.eval['precision']`` (T IoU thresholds × R recall points ×
+    K categories × A areas × M max-dets): a category's AP is the mean of its
+    precision over IoU 0.50:0.95 and all recall points (area 'all',
+    100 detections), skipping the −1 entries; AP50 uses IoU 0.50 alone; −1
+    when the category has no ground truth. Averaging the APs over categories
+    with ground truth gives the summary AP.
+
+    Returns:
+      ``[{'category_id', 'name', 'AP', 'AP50', 'num_gt'}, ...]`` in category-id
+      order ([] before any evaluation or with no detections).
+    """
+    ev = self.last_eval
+    if ev is None or not ev.params.useCats:
+      return []
+    precision = ev.eval["precision"]  # (T, R, K, A, M)
+    m = len(ev.params.maxDets) - 1
+    out = []
+    for k, cat_id in enumerate(ev.params.catIds):
+      p = precision[:, :, k, 0, m]
+      p50 = precision[0, :, k, 0, m]
+      num_gt = len(self.coco.getAnnIds(imgIds=ev.params.imgIds, catIds=[cat_id], iscrowd=False))
+      out.append({"category_id": _py_id(cat_id), "name": self.coco.cats[cat_id].get("name", str(cat_id)),
+                  "AP": float(p[p > -1].mean()) if (p > -1).any() else -1.0,
+                  "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0,
+                  "num_gt": int(num_gt)})
+    return out
+
   def evaluate(self, image_ids: Optional[Iterable] = None, *,
                class_agnostic: bool = False) -> dict[str, float]:
     """Run COCOeval (bbox) and return the metric dict (see module docstring).

@@ -59,9 +59,14 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def results_file_name(split: str, name: str) -> str:
+  """The COCO evaluation server's file name: ``detections_<split>_<name>_results.json``."""
+  return f"detections_{split}_{name}_results.json"
+
+
 def evaluate_variables(config, variables, *, model=None, source=None, size=None,
                        max_images: Optional[int] = None, out_dir: Optional[str] = None,
-                       tag=None, show_progress: bool = True) -> dict:
+                       tag=None, show_progress: bool = True, per_class: bool = False) -> dict:
   """COCO evaluation of ``variables`` on the eval split (spec §5: plain resize, NMS, pycocotools).
 
   Args:
@@ -71,13 +76,22 @@ def evaluate_variables(config, variables, *, model=None, source=None, size=None,
     source: eval source (default :func:`asff_jax.data.loader.eval_source`).
     size: input side (default :func:`asff_jax.data.loader.eval_input_size`).
     max_images: evaluate only the first N images (None → ``eval.max_images``, 0 = all).
-    out_dir: if given, writes ``<split>_metrics.json`` and ``<split>_results.json`` there.
+    out_dir: if given, writes ``<split>_metrics.json`` (with the per-class AP
+      table under ``'per_class'``) and ``<split>_results.json`` there; for an
+      images-only split (COCO test-dev: ``image_info_<split>.json``) only the
+      results, as ``detections_<split>_<eval.results_name>_results.json``
+      (the evaluation server's format: original category ids, ``[x, y, w, h]``
+      in original pixels).
     tag: extra JSON field stored with the metrics (e.g. the checkpoint step).
     show_progress: a progress bar / periodic line while images are processed.
+    per_class: also return the per-class table
+      (:meth:`~asff_jax.evaluation.coco_eval.CocoEvaluator.per_class`) under ``'per_class'``.
 
   Returns:
     ``{'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', ...,
-    'num_images', 'images_per_s', 'AP_agnostic', 'AP50_agnostic'}``.
+    'num_images', 'images_per_s', 'AP_agnostic', 'AP50_agnostic'}``; for an
+    images-only split only ``num_images``, ``images_per_s`` and
+    ``'results_file'`` (no metrics: there is no ground truth).
 
   Raises:
     ConfigError: ``model.num_classes`` disagrees with the dataset.
@@ -103,9 +117,19 @@ def evaluate_variables(config, variables, *, model=None, source=None, size=None,
     bar.update(n - done[0])
     done[0] = n
 
+  images_only = bool((getattr(source, "report", None) or {}).get("images_only"))
   metrics = inference.run_coco_eval(predict, variables, batches, evaluator, input_size=size,
-                                    progress=advance)
+                                    progress=advance, compute_metrics=not images_only)
   bar.close()
+  if images_only:
+    path = os.path.join(out_dir or ".", results_file_name(source.split, config.eval.results_name))
+    if jax.process_index() == 0:
+      evaluator.write_results(path)
+    logger.info("%s has no annotations (images only): metrics skipped; %d detections on %d images "
+                "written to %s for the evaluation server", source.split, len(evaluator.results()),
+                metrics["num_images"], path)
+    return dict(metrics, results_file=path)
+  table = evaluator.per_class()
   agnostic = evaluator.evaluate(image_ids=evaluator.image_ids, class_agnostic=True)
   metrics.update(AP_agnostic=agnostic["AP"], AP50_agnostic=agnostic["AP50"])
   if out_dir is not None and jax.process_index() == 0:
@@ -116,15 +140,30 @@ def evaluate_variables(config, variables, *, model=None, source=None, size=None,
     record.update(split=split, input_size=size, dataset=str(source.name))
     if tag is not None:
       record["tag"] = tag
+    record["per_class"] = table
     _write_json(os.path.join(out_dir, f"{split}_metrics.json"), record)
-  return metrics
+  return dict(metrics, per_class=table) if per_class else metrics
 
 
 def format_metrics(m: dict) -> str:
-  """One line: ``step S: AP 0.4310  AP50 ...`` plus the image count."""
+  """One line: ``step S: AP 0.4310  AP50 ...`` plus the image count (or the results file of a test split)."""
   names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AP50_agnostic")
   body = "  ".join(f"{k} {m[k]:.4f}" for k in names if k in m)
+  if "results_file" in m:
+    body = f"no annotations: detections written to {m['results_file']}"
   return f"step {m.get('step', '?')}: {body}  ({int(m.get('num_images', 0))} images)"
+
+
+def format_per_class(table: list) -> str:
+  """The per-class table: ``id  name  AP  AP50  #GT``, one line per category."""
+  if not table:
+    return ""
+  width = max(len(r["name"]) for r in table)
+  lines = [f"{'id':>4}  {'class':{width}s}  {'AP':>6}  {'AP50':>6}  {'#GT':>6}"]
+  for r in table:
+    ap, ap50 = (f"{v:6.3f}" if v >= 0 else "     -" for v in (r["AP"], r["AP50"]))
+    lines.append(f"{r['category_id']:>4}  {r['name']:{width}s}  {ap}  {ap50}  {r['num_gt']:>6}")
+  return "\n".join(lines)
 
 
 def make_evaluate_fn(config, workdir: Optional[str] = None) -> Callable:
@@ -146,6 +185,8 @@ def make_evaluate_fn(config, workdir: Optional[str] = None) -> Callable:
     final = int(step) >= int(config.num_train_steps)
     metrics = evaluate_variables(config, variables, model=model, source=source, out_dir=out_dir,
                                  tag=int(step), max_images=0 if final else None)
+    if "AP" not in metrics:  # an images-only eval split: detections written, no metrics
+      return {}
     logger.info("eval at step %d on %s/%s (%d images): AP %.4f  AP50 %.4f  AP75 %.4f  APs %.4f  "
                 "APm %.4f  APl %.4f  (class-agnostic AP50 %.4f)", step, source.name, source.split,
                 metrics["num_images"], metrics["AP"], metrics["AP50"], metrics["AP75"], metrics["APs"],
@@ -174,5 +215,5 @@ def evaluate_workdir(workdir: str, config=None, *, step=None, use_ema=None, out_
   config = load_workdir_config(workdir) if config is None else config
   variables, step = checkpoints.load_variables(workdir, step, use_ema=use_ema)
   metrics = evaluate_variables(config, variables, out_dir=out_dir or os.path.join(workdir, "eval"),
-                               tag=int(step), max_images=0)
+                               tag=int(step), max_images=0, per_class=True)
   return dict(metrics, step=int(step))

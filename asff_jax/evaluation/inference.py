@@ -56,7 +56,8 @@ def make_predict_fn(model, *, conf_thre: float, nms_thre: float, pre_nms_topk: i
 
 
 def run_coco_eval(predict: Callable, variables, batches: Iterable[Mapping[str, Any]], evaluator, *,
-                  input_size: int, progress: Callable[[int], None] = lambda n: None) -> dict:
+                  input_size: int, progress: Callable[[int], None] = lambda n: None,
+                  compute_metrics: bool = True) -> dict:
   """Runs ``predict`` over eval batches and returns the COCO metrics.
 
   Args:
@@ -69,6 +70,8 @@ def run_coco_eval(predict: Callable, variables, batches: Iterable[Mapping[str, A
     input_size: S, the square input side (boxes are rescaled per axis to the
       original size: the official plain resize, spec §5).
     progress: called with the number of images done after every batch.
+    compute_metrics: False collects the detections only (images-only splits
+      such as COCO test-dev: the metrics are then absent).
 
   Returns:
     ``{'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR100', ..., 'num_images',
@@ -87,7 +90,7 @@ def run_coco_eval(predict: Callable, variables, batches: Iterable[Mapping[str, A
     n += int(valid.sum())
     progress(n)
   elapsed = time.time() - t0
-  metrics = dict(evaluator.evaluate())
+  metrics = dict(evaluator.evaluate()) if compute_metrics else {}
   metrics["num_images"] = n
   metrics["images_per_s"] = n / max(elapsed, 1e-9)
   return metrics
