@@ -64,3 +64,20 @@ def test_fusion_ablation_script(tmp_path):
   mtime = os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json")
   assert fa.main(args) == 0
   assert os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json") == mtime
+
+
+def test_coco_scale_script_tiny(tmp_path):
+  """experiments/coco_scale.py at 40 images: COCO's category ids, a prepared split that opens again."""
+  cs = _script("coco_scale")
+  assert cs.main(["--out", str(tmp_path), "--num_images", "40"]) == 0
+  import json  # pylint: disable=import-outside-toplevel  (test only)
+  result = json.loads((tmp_path / "coco_scale.json").read_text())
+  data = json.loads((tmp_path / "coco" / "annotations" / "instances_train2017.json").read_text())
+  assert len(data["images"]) == result["images"] == result["records"] == 40
+  assert [c["id"] for c in data["categories"]] == cs.COCO_CATEGORY_IDS and len(cs.COCO_CATEGORY_IDS) == 80
+  assert result["boxes"] == len(data["annotations"]) > 40
+  # crowd boxes are stored too: every box of the json is kept (all lie inside the shared image)
+  assert result["boxes_kept"] == result["boxes"]
+  assert result["prepare_s"] > 0 and result["open_s"] > 0 and result["prepare_peak_rss_mb"] > 0
+  # the images are hard links to one file
+  assert os.stat(tmp_path / "coco" / "shared.jpg").st_nlink == 41
