@@ -612,6 +612,14 @@ def _builder_class():
       self._data = None
       super().__init__(**kwargs)
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+    # prepared to ..." (nothing is downloaded); our own lines say where and how it went.
+    def _log_download_bytes(self) -> None:
+      pass
+
+    def _log_download_done(self) -> None:
+      pass
+
     def _info(self):
       f = tfds.features
       return tfds.core.DatasetInfo(
