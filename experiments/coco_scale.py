@@ -7,8 +7,8 @@
 Generates ``OUT/coco/annotations/instances_train2017.json`` with COCO train2017's
 shape — 118,287 images, ~860,000 boxes (COCO's 7.3 per image, a geometric
 count distribution with its long tail), 80 categories with COCO's id gaps
-(1..90), ~1 % crowd boxes — whose images are hard links to one small JPEG
-(so the disk holds one image; the annotation json is real-sized). Then, each
+(1..90), ~1 % crowd boxes — whose images are hard links to a few copies of one small JPEG
+(so the disk holds one image per 50,000; the annotation json is real-sized). Then, each
 in a fresh process so that time and peak memory are its own:
 
 1. ``prepare``: :func:`asff_jax.data.coco_folder.prepare_coco_folder` (validate,
@@ -40,19 +40,24 @@ COCO_CATEGORY_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 
                      25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49,
                      50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74,
                      75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
-IMAGE_HW = (48, 64)  # the one shared image file (its size is what the json says)
+IMAGE_HW = (48, 64)  # the shared image files (their size is what the json says)
+LINKS_PER_FILE = 50000
 
 
-def generate(root: Path, num_images: int, boxes_per_image: float, seed: int = 0) -> dict:
+def generate(root: Path, num_images: int, boxes_per_image: float, seed: int = 0,
+             image_hw=IMAGE_HW) -> dict:
   """Writes the annotation json and the hard-linked images; returns counts and timings."""
   t0 = time.time()
   rng = np.random.default_rng(seed)
   split_dir = root / "train2017"
   split_dir.mkdir(parents=True, exist_ok=True)
   (root / "annotations").mkdir(parents=True, exist_ok=True)
-  h, w = IMAGE_HW
-  shared = root / "shared.jpg"
-  Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(shared, quality=90)
+  h, w = image_hw
+  # a smooth photo-like image (noise would make a JPEG several times larger than a photo's)
+  yy, xx = np.mgrid[0:h, 0:w]
+  base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+  pixels = Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+  shared = None
   images, annotations = [], []
   # geometric counts with COCO's mean; ~1 % of images without boxes, as in train2017
   p = 1.0 / (boxes_per_image + 1.0)
@@ -61,6 +66,9 @@ def generate(root: Path, num_images: int, boxes_per_image: float, seed: int = 0)
     image_id = 100000 + 7 * i  # sparse ids, like COCO's
     name = f"{image_id:012d}.jpg"
     link = split_dir / name
+    if i % LINKS_PER_FILE == 0:  # file systems cap hard links per file (ext4: 65,000)
+      shared = root / f"shared_{i // LINKS_PER_FILE}.jpg"
+      pixels.save(shared, quality=90)
     if not link.exists():
       os.link(shared, link)
     images.append({"id": image_id, "file_name": name, "width": w, "height": h})
@@ -130,6 +138,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="work folder (the dataset, prepared data, results)")
   p.add_argument("--num_images", type=int, default=118287)
   p.add_argument("--boxes_per_image", type=float, default=7.3)
+  p.add_argument("--image_hw", default="48,64", help="H,W of the shared image (640x480 photos: 480,640)")
   p.add_argument("--data_dir", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_phase", default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -142,7 +151,8 @@ def main(argv=None) -> int:
     print(json.dumps(result))
     return 0
   if not (root / "annotations" / "instances_train2017.json").exists():
-    gen = generate(root, a.num_images, a.boxes_per_image)
+    gen = generate(root, a.num_images, a.boxes_per_image,
+                   image_hw=tuple(int(v) for v in a.image_hw.split(",")))
     print(f"generated {gen['images']} images, {gen['boxes']} boxes, json {gen['json_mb']:.0f} MB "
           f"in {gen['generate_s']:.0f} s", flush=True)
   else:
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
         f"{opened['read_1000_random_s']:.2f} s; process {opened['open_process_s']:.1f} s, peak RSS "
         f"{opened['open_peak_rss_mb']:.0f} MB",
         flush=True)
-  result = {"date": time.strftime("%Y-%m-%d"), **gen, **prep, **opened}
+  result = {"date": time.strftime("%Y-%m-%d"), "image_hw": a.image_hw, **gen, **prep, **opened}
   (out / "coco_scale.json").write_text(json.dumps(result, indent=1))
   return 0
 

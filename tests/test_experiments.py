@@ -80,4 +80,4 @@ def test_coco_scale_script_tiny(tmp_path):
   assert result["boxes_kept"] == result["boxes"]
   assert result["prepare_s"] > 0 and result["open_s"] > 0 and result["prepare_peak_rss_mb"] > 0
   # the images are hard links to one file
-  assert os.stat(tmp_path / "coco" / "shared.jpg").st_nlink == 41
+  assert os.stat(tmp_path / "coco" / "shared_0.jpg").st_nlink == 41
