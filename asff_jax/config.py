@@ -123,6 +123,12 @@ def _model() -> ml_collections.ConfigDict:
   """The official ASFF model (``--asff``, 40.6 AP configuration) at full width.
 
   * ``num_classes``: 80 for COCO.
+  * ``backbone``: ``'darknet53'`` (the paper's models) or ``'mobilenet_v2'``
+    (the official ``yolov3_mobilev2.py``: MobileNetV2, ReLU6 neck,
+    ``ASFFmobile`` with ``fusion='asff'`` or the mobile baseline with
+    ``'none'``, heads without deformable adaption; use ``anchors='yolov3'``,
+    as the official mobile heads do; ``stage_blocks``, ``rfb`` and
+    ``dcn_formulation`` do not apply).
   * ``fusion``: ``'asff'`` (paper Eq. 1–2), ``'none'`` (official strong
     baseline), ``'sum'`` or ``'concat'`` (paper Table 3 alternatives).
   * ``rfb``: RFB block in each head before the DCN, compress_c 8 (ASFF*).
@@ -141,6 +147,7 @@ def _model() -> ml_collections.ConfigDict:
   """
   m = ml_collections.ConfigDict()
   m.num_classes = 80
+  m.backbone = "darknet53"
   m.fusion = "asff"
   m.rfb = False
   m.dropblock = False

@@ -193,3 +193,57 @@ def test_evaluate_pth_one_liner_matches_evaluating_the_variables(tmp_path, capsy
     assert got[k] == pytest.approx(want[k], abs=1e-6), k
   assert [r["category_id"] for r in got["per_class"]] == [r["category_id"] for r in want["per_class"]]
   assert "class_0" in printed and "#GT" in printed and "AP50" in printed
+
+
+# ----------------------------------------------------------------------------- MobileNetV2 models
+
+
+def _mobile(fusion):
+  c = default_model_config()
+  c.backbone, c.fusion, c.anchors = "mobilenet_v2", fusion, "yolov3"
+  return c
+
+
+@pytest.mark.parametrize("fusion,spec,count", [("asff", "state_dict_spec_mobile_asff.json", 27_141_613),
+                                               ("none", "state_dict_spec_mobile_baseline.json", 24_800_532)])
+def test_mobilenet_layout_counts_and_round_trip(fusion, spec, count):
+  """Names and shapes are the official state dict's, entry for entry; parameters as the fixture README."""
+  cfg = _mobile(fusion)
+  entries = json.loads(parity_file(spec).read_text())["entries"]
+  official = {e["name"]: tuple(e["shape"]) for e in entries if not e["name"].endswith("num_batches_tracked")}
+  layout = expected_layout(cfg)
+  assert {leaf.official: leaf.official_shape for leaf in layout} == official
+  assert sum(int(np.prod(leaf.shape)) for leaf in layout if leaf.collection == "params") == count
+  sd = state_dict_from_spec(parity_file(spec))
+  v = variables_from_official(sd, cfg)
+  back = variables_to_official(v, cfg)
+  assert set(back) == set(official)
+  for k, arr in back.items():
+    np.testing.assert_array_equal(arr, sd[k], err_msg=k)
+  # a depthwise conv: (C, 1, 3, 3) official, (3, 3, 1, C) Flax (feature_group_count = C)
+  assert v["params"]["backbone"]["layer_3"]["dw"]["conv"]["kernel"].shape == (3, 3, 1, 144)
+
+
+def test_mobilenet_strict_errors_and_non_strict_backbone():
+  cfg = _mobile("asff")
+  sd = state_dict_from_spec(parity_file("state_dict_spec_mobile_asff.json"))
+  # a MobileNet state dict into the Darknet model, and a Darknet one into the MobileNet model, fail clearly
+  with pytest.raises(ValueError, match=r"(?s)backbone='darknet53'.*unexpected 426.*unexpected: level_0_conv\.expand"):
+    variables_from_official(sd, default_model_config())
+  with pytest.raises(ValueError, match=r"(?s)backbone='mobilenet_v2'.*missing 426.*missing: module_list\.0\.0\.weight"):
+    variables_from_official(state_dict_from_spec(parity_file("state_dict_spec.json")), cfg)
+  bad = dict(sd, **{"module_list.3.conv.1.0.weight": np.zeros((144, 3, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match=r"module_list\.3\.conv\.1\.0\.weight: expected \(144, 1, 3, 3\), "
+                                        r"got \(144, 3, 3, 3\)"):
+    variables_from_official(bad, cfg)
+  # the MobileNetV2 features alone (module_list.0-18), non-strict: loaded, the rest reported missing
+  backbone = {k: v for k, v in sd.items() if k.startswith("module_list.") and int(k.split(".")[1]) <= 18}
+  out, report = variables_from_official(backbone, cfg, strict=False, return_report=True,
+                                        base_variables=jax.tree.map(np.zeros_like, variables_from_official(sd, cfg)))
+  assert not report.unexpected and not report.mismatched
+  assert sorted(report.loaded) == sorted(k for k in backbone if not k.endswith("num_batches_tracked"))
+  assert report.missing and all(not n.startswith("module_list.") or int(n.split(".")[1]) >= 19
+                                for n in report.missing)
+  np.testing.assert_array_equal(out["params"]["backbone"]["layer_18"]["conv"]["kernel"],
+                                np.asarray(sd["module_list.18.0.weight"]).transpose(2, 3, 1, 0))
+  assert not np.any(out["params"]["neck"]["layer_11"]["block_0_conv_0"]["conv"]["kernel"])

@@ -315,3 +315,22 @@ def test_model_dcn_formulation_option_same_outputs():
   c.model.dcn_formulation = "taps"
   with pytest.raises(ValueError, match="dcn_formulation"):
     create_model(c)
+
+@pytest.mark.parametrize("stride,hw", [(1, (9, 7)), (2, (10, 10)), (2, (9, 12))])
+def test_depthwise_conv_matches_grouped_lax_conv_values_and_gradients(stride, hw):
+  """layers.depthwise_conv (shifted sums, fast on CPU) = lax.conv with feature_group_count = C."""
+  from asff_jax.models.layers import depthwise_conv  # pylint: disable=import-outside-toplevel  (this test only)
+
+  rng = np.random.default_rng(stride)
+  x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 1, 5)), jnp.float32)
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                  feature_group_count=5)
+  ours = lambda x, k: depthwise_conv(x, k, stride)
+  np.testing.assert_allclose(ours(x, k), ref(x, k), atol=1e-5)
+  w = jnp.asarray(rng.standard_normal(ref(x, k).shape), jnp.float32)
+  g_ours = jax.grad(lambda x, k: jnp.sum(ours(x, k) * w), argnums=(0, 1))(x, k)
+  g_ref = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), argnums=(0, 1))(x, k)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4)

@@ -2,7 +2,7 @@
 
 Entry point: :func:`create_model` builds the Flax detector from ``config.model``
 (:mod:`asff_jax.config`). Modules, in the paper's order: ``layers`` (shared
-blocks), ``darknet``, ``neck``, ``fusion``, ``head`` (+ ``dcn``), ``detector``;
+blocks), ``darknet`` / ``mobilenet``, ``neck``, ``fusion``, ``head`` (+ ``dcn``), ``detector``;
 then ``targets`` and ``losses`` (the official training loss).
 """
 
@@ -18,7 +18,7 @@ from asff_jax.errors import ConfigError
 from asff_jax.models.config import (ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES, YOLOV3_ANCHORS,
                                     resolve_anchors)
 from asff_jax.models.dcn import FORMULATIONS
-from asff_jax.models.detector import YOLOv3
+from asff_jax.models.detector import BACKBONES, YOLOv3
 from asff_jax.models.fusion import FUSIONS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -37,7 +37,8 @@ def create_model(config) -> YOLOv3:
   :class:`~asff_jax.models.detector.YOLOv3` (``'pred'``, ``'levels'``, ...).
 
   Raises:
-    ConfigError: for an unknown fusion, dtype, deformable-conv formulation or anchor set.
+    ConfigError: for an unknown backbone, fusion, dtype, deformable-conv formulation or anchor
+      set, or RFB on MobileNetV2.
   """
   m = model_config(config)
   if m.fusion not in FUSIONS:
@@ -46,6 +47,11 @@ def create_model(config) -> YOLOv3:
     raise ConfigError(f"model.dcn_formulation must be one of {FORMULATIONS}, got {m.dcn_formulation!r}")
   if m.dtype not in _DTYPES:
     raise ConfigError(f"model.dtype must be one of {tuple(_DTYPES)}, got {m.dtype!r}")
+  if m.backbone not in BACKBONES:
+    raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
+  if m.backbone == "mobilenet_v2" and m.rfb:
+    raise ConfigError("model.rfb=True needs model.backbone='darknet53': the official MobileNetV2 heads "
+                      "have no feature adaption to put the RFB block in")
   compress_c = m.compress_c if m.compress_c is not None else (8 if m.rfb else 16)
   return YOLOv3(
       num_classes=int(m.num_classes),
@@ -57,6 +63,7 @@ def create_model(config) -> YOLOv3:
       stage_blocks=tuple(int(b) for b in m.stage_blocks),
       dtype=_DTYPES[m.dtype],
       dcn_formulation=str(m.dcn_formulation),
+      backbone_type=str(m.backbone),
   )
 
 
@@ -83,6 +90,6 @@ def random_variables(model, input_hw=(64, 64), seed: int = 0) -> dict:
   return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-__all__ = ["create_model", "default_model_config", "model_config", "random_variables", "YOLOv3",
+__all__ = ["create_model", "default_model_config", "model_config", "random_variables", "YOLOv3", "BACKBONES",
            "FUSIONS", "ANCHOR_MASKS", "STRIDES", "OFFICIAL_ANCHORS", "YOLOV3_ANCHORS",
            "resolve_anchors"]

@@ -1,8 +1,10 @@
-"""The full detector: Darknet-53 → neck → fusion → guided-anchor heads → decoded ``pred``.
+"""The full detector: backbone → neck → fusion → guided-anchor heads → decoded ``pred``.
 
 One module assembled from the config (``config.model``, see
 :mod:`asff_jax.config`) covers the official baseline, ASFF, ASFF* and the
-Table 3 sum/concat variants. Besides ``__call__`` it exposes its two stages,
+Table 3 sum/concat variants on Darknet-53, and the official MobileNetV2
+models (``backbone='mobilenet_v2'``: ReLU6, ``ASFFmobile`` or the mobile
+baseline, heads without deformable adaption). Besides ``__call__`` it exposes its two stages,
 so that tools such as :mod:`asff_jax.tools.probes` cut the model at the fusion
 inputs with the model's own layers and options::
 
@@ -19,9 +21,13 @@ import jax.numpy as jnp
 
 from asff_jax.models.config import ANCHOR_MASKS, OFFICIAL_ANCHORS, STRIDES
 from asff_jax.models.darknet import OFFICIAL_STAGE_BLOCKS, Darknet53
-from asff_jax.models.fusion import LevelFusion
+from asff_jax.models.fusion import DARKNET_INTER, MOBILE_INTER, LevelFusion
+from asff_jax.models.mobilenet import MobileNetV2
 from asff_jax.models.head import GuidedAnchorHead, decode_level, level_anchor_bases, pred_rows
 from asff_jax.models.neck import YoloNeck
+
+
+BACKBONES = ("darknet53", "mobilenet_v2")
 
 
 class YOLOv3(nn.Module):
@@ -33,6 +39,8 @@ class YOLOv3(nn.Module):
     rfb: RFB in the heads (ASFF*).
     compress_c: ASFF weight-conv channels (16; 8 with RFB).
     anchors: 9 prior (w, h) pairs in input pixels.
+    backbone_type: ``'darknet53'`` or ``'mobilenet_v2'`` (the official ``yolov3_mobilev2.py``;
+      config key ``model.backbone``).
     width, stage_blocks, dtype, dcn_formulation: see :mod:`asff_jax.config` (``model`` section).
 
   ``__call__(images, train=False, dropblock=None)``:
@@ -71,12 +79,21 @@ class YOLOv3(nn.Module):
   stage_blocks: Sequence[int] = OFFICIAL_STAGE_BLOCKS
   dtype: Any = jnp.float32
   dcn_formulation: str = "corners"
+  backbone_type: str = "darknet53"
 
   def setup(self):
-    self.backbone = Darknet53(self.width, self.stage_blocks, self.dtype)
-    self.neck = YoloNeck(self.width, self.dtype)
-    fusion = lambda l: LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype)
-    head = lambda: GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, self.dcn_formulation)
+    if self.backbone_type not in BACKBONES:
+      raise ValueError(f"unknown backbone {self.backbone_type!r}; expected one of {BACKBONES}")
+    mobile = self.backbone_type == "mobilenet_v2"
+    act = "relu6" if mobile else "leaky"
+    # Attribute names are the parameter-tree names.
+    self.backbone = (MobileNetV2(self.width, self.dtype) if mobile else
+                     Darknet53(self.width, self.stage_blocks, self.dtype))
+    self.neck = YoloNeck(self.width, self.dtype, act=act, last_conv=not mobile)
+    fusion = lambda l: LevelFusion(l, self.fusion, self.compress_c, self.width, self.dtype,
+                                   inter=MOBILE_INTER if mobile else DARKNET_INTER, act=act)
+    head = lambda: GuidedAnchorHead(self.num_classes, self.rfb, self.dtype, self.dcn_formulation,
+                                    adaption=not mobile)
     # Explicit attribute names: they are the parameter-tree names (fusion_l, head_l).
     self.fusion_0, self.fusion_1, self.fusion_2 = fusion(0), fusion(1), fusion(2)
     self.head_0, self.head_1, self.head_2 = head(), head(), head()

@@ -31,11 +31,18 @@ Fusion variants (``config.model.fusion``):
 * ``'none'``: the official strong baseline — per level a 3×3 conv-BN-leaky on
   its own feature (512→1024 at level 0, 256→512 at level 1) and the identity at
   level 2 (its 3×3 conv is the neck's last layer), no cross-level fusion.
+
+MobileNetV2 models (the official ``ASFFmobile`` and the mobile baseline's
+``level_l_conv``): ``inter`` = (512, 256, 128), every conv-BN with ReLU6
+(``act``), and a neck without its last conv, so the 128-channel level-2 input
+is resized like the others: at level 2, x^{1→2} passes ``compress_level_1``
+(1×1 256→128) before the ×2 upsample, and ``'none'`` has a 3×3 conv 128→256
+at level 2 too.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,27 +51,31 @@ import jax.numpy as jnp
 from asff_jax.models.layers import ConvBN, conv_init, scaled_channels, upsample_nearest
 
 FUSIONS = ("asff", "sum", "concat", "none")
-_INTER = (512, 256, 256)
+DARKNET_INTER = (512, 256, 256)
+MOBILE_INTER = (512, 256, 128)
 _OUT = (1024, 512, 256)
 
 
 class LevelResize(nn.Module):
   """Resizes the three neck outputs to level ``level``: returns [x^{0→l}, x^{1→l}, x^{2→l}].
 
-  Each ``(B, H_l, W_l, inter_l)`` with inter = (512, 256, 256)[l]·width.
-  Submodule names are the official ones (``stride_level_1``,
-  ``stride_level_2``, ``compress_level_0``).
+  Each ``(B, H_l, W_l, inter_l)`` with inter = ``inter[l]``·width ((512, 256,
+  256) for Darknet, (512, 256, 128) for MobileNetV2). Submodule names are the
+  official ones (``stride_level_1``, ``stride_level_2``, ``compress_level_0``,
+  and ``compress_level_1`` where x^1 is wider than level 2: MobileNetV2).
   """
 
   level: int
   width: float = 1.0
   dtype: Any = jnp.float32
+  inter: Sequence[int] = DARKNET_INTER
+  act: str = "leaky"
 
   @nn.compact
   def __call__(self, xs, train: bool):
     x0, x1, x2 = xs
-    inter = scaled_channels(_INTER[self.level], self.width)
-    conv = lambda k, s, name: ConvBN(inter, k, stride=s, dtype=self.dtype, name=name)
+    inter = scaled_channels(self.inter[self.level], self.width)
+    conv = lambda k, s, name: ConvBN(inter, k, stride=s, dtype=self.dtype, act=self.act, name=name)
     if self.level == 0:
       r0 = x0
       r1 = conv(3, 2, "stride_level_1")(x1, train)
@@ -76,6 +87,8 @@ class LevelResize(nn.Module):
       r2 = conv(3, 2, "stride_level_2")(x2, train)
     elif self.level == 2:
       r0 = upsample_nearest(conv(1, 1, "compress_level_0")(x0, train), 4)
+      if x1.shape[-1] != inter:
+        x1 = conv(1, 1, "compress_level_1")(x1, train)
       r1 = upsample_nearest(x1, 2)
       r2 = x2
     else:
@@ -97,6 +110,8 @@ class LevelFusion(nn.Module):
     compress_c: channels of each ASFF weight conv (official 16; 8 with RFB).
     width: channel multiplier.
     dtype: compute dtype.
+    inter: the resized width per level (``DARKNET_INTER``; ``MOBILE_INTER`` for ``ASFFmobile``).
+    act: ``'leaky'`` (Darknet) or ``'relu6'`` (MobileNetV2) after every conv-BN.
 
   Call with ``xs = (P5, P4, P3)``; returns a dict with ``'out'`` and, for
   ``'asff'``, ``'weights'`` (B, H, W, 3) float32 and ``'fused_sum'`` (B, H, W).
@@ -107,23 +122,25 @@ class LevelFusion(nn.Module):
   compress_c: int = 16
   width: float = 1.0
   dtype: Any = jnp.float32
+  inter: Sequence[int] = DARKNET_INTER
+  act: str = "leaky"
 
   @nn.compact
   def __call__(self, xs, train: bool):
     out_c = scaled_channels(_OUT[self.level], self.width)
     if self.kind == "none":
       x = xs[self.level]
-      if self.level < 2:
-        x = ConvBN(out_c, 3, dtype=self.dtype, name="conv")(x, train)
+      if x.shape[-1] != out_c:  # Darknet level 2: the neck's last conv already is this 3x3 conv
+        x = ConvBN(out_c, 3, dtype=self.dtype, act=self.act, name="conv")(x, train)
       return {"out": x}
     if self.kind not in FUSIONS:
       raise ValueError(f"unknown fusion {self.kind!r}; expected one of {FUSIONS}")
 
-    resized = LevelResize(self.level, self.width, self.dtype, name="resize")(xs, train)
+    resized = LevelResize(self.level, self.width, self.dtype, self.inter, self.act, name="resize")(xs, train)
     result = {}
     if self.kind == "asff":
       logits = [
-          ConvBN(self.compress_c, 1, dtype=self.dtype, name=f"weight_level_{n}")(r, train)
+          ConvBN(self.compress_c, 1, dtype=self.dtype, act=self.act, name=f"weight_level_{n}")(r, train)
           for n, r in enumerate(resized)
       ]
       logits = nn.Conv(3, (1, 1), use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
@@ -137,6 +154,6 @@ class LevelFusion(nn.Module):
       fused = resized[0] + resized[1] + resized[2]
     else:  # concat
       inter = resized[0].shape[-1]
-      fused = ConvBN(inter, 1, dtype=self.dtype, name="fuse")(jnp.concatenate(resized, -1), train)
-    result["out"] = ConvBN(out_c, 3, dtype=self.dtype, name="expand")(fused, train)
+      fused = ConvBN(inter, 1, dtype=self.dtype, act=self.act, name="fuse")(jnp.concatenate(resized, -1), train)
+    result["out"] = ConvBN(out_c, 3, dtype=self.dtype, act=self.act, name="expand")(fused, train)
     return result

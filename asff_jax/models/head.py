@@ -13,6 +13,10 @@ mask order), slot 3 is anchor-free with base size 4·stride. Layers:
 3. ``conv``: 1×1 conv (bias) C → 4·(5 + num_classes); channel
    (5 + num_classes)·slot + c with c: tx, ty, tw, th, objectness, classes.
 
+The MobileNetV2 models build their heads with the official ``sep=True``:
+no feature adaption (no ``conv_offset``, no deformable conv; ``conv`` reads
+the head input directly), ``guide_wh`` unchanged (``adaption=False`` here).
+
 Decoding (:func:`decode_level`, grid units; :func:`pred_rows`, the official
 ``pred`` rows in input pixels): cx = σ(tx) + x, cy = σ(ty) + y, w = exp(tw)·pw,
 h = exp(th)·ph; objectness and class probabilities by independent sigmoids.
@@ -71,6 +75,8 @@ class GuidedAnchorHead(nn.Module):
     rfb: apply the RFB block before the DCN (ASFF*).
     dtype: compute dtype (outputs ``raw`` and ``guide_wh`` are float32).
     dcn_formulation: ``'corners'`` or ``'patches'`` (:func:`~asff_jax.models.dcn.deform_conv2d`).
+    adaption: the deformable feature adaption (False: the official ``sep=True``
+      head of the MobileNetV2 models; ``'adapted'`` is then the input, no ``'offset'``).
 
   Call with ``(B, H, W, C_in)``; returns a dict with ``'raw'``
   ``(B, H, W, 4·(5 + C))``, ``'guide_wh'`` ``(B, H, W, 8)``, ``'offset'``,
@@ -81,14 +87,18 @@ class GuidedAnchorHead(nn.Module):
   rfb: bool = False
   dtype: Any = jnp.float32
   dcn_formulation: str = "corners"
+  adaption: bool = True
 
   @nn.compact
   def __call__(self, x):
     guide_wh = nn.Conv(2 * NUM_SLOTS, (1, 1), use_bias=True, dtype=self.dtype,
                        param_dtype=jnp.float32, kernel_init=conv_init, name="guide_wh")(x)
     guide_wh = guide_wh.astype(jnp.float32)
-    out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, dcn_formulation=self.dcn_formulation,
-                          name="feature_adaption")(x, guide_wh)
+    if self.adaption:
+      out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, dcn_formulation=self.dcn_formulation,
+                            name="feature_adaption")(x, guide_wh)
+    else:  # the official sep=True head (MobileNetV2 models)
+      out = {"adapted": x}
     raw = nn.Conv(NUM_SLOTS * (5 + self.num_classes), (1, 1), use_bias=True, dtype=self.dtype,
                   param_dtype=jnp.float32, kernel_init=conv_init, name="conv")(out["adapted"])
     out["raw"] = raw.astype(jnp.float32)

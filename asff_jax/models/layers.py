@@ -109,9 +109,80 @@ class BatchNorm(nn.Module):
     return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
 
 
-class ConvBN(nn.Module):
-  """Conv (no bias) → BatchNorm → LeakyReLU(0.1): the official ``add_conv`` (spec §1).
+ACTIVATIONS = ("leaky", "relu6", "linear")
 
+
+def activation(x, act: str):
+  """The official activations: ``'leaky'`` LeakyReLU(0.1) (Darknet models), ``'relu6'``
+  min(max(x, 0), 6) (MobileNetV2 models), ``'linear'`` none (inverted-residual projections).
+
+  Raises:
+    ValueError: an unknown ``act``.
+  """
+  if act == "leaky":
+    return nn.leaky_relu(x, 0.1)
+  if act == "relu6":
+    return jnp.clip(x, 0, 6)
+  if act == "linear":
+    return x
+  raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def depthwise_conv(x, kernel, stride: int = 1):
+  """Depthwise k×k conv with symmetric ``(k - 1) // 2`` zero padding, as a sum of k² shifted products.
+
+  The same values as ``lax.conv_general_dilated(..., feature_group_count=C)``
+  (tested, with gradients), computed as elementwise multiply-adds that XLA
+  fuses into one loop: XLA:CPU's grouped convolution runs depthwise convs at
+  under 1 GFLOP/s (measured 2026-12-06: 0.3-0.7 GFLOP/s at MobileNetV2's
+  shapes, about 100x below a dense conv; ``experiments/benchmarks.md``).
+
+  Args:
+    x: ``(B, H, W, C)``.
+    kernel: ``(k, k, 1, C)`` (Flax's grouped-conv layout; official ``(C, 1, k, k)``).
+    stride: spatial stride.
+
+  Returns:
+    ``(B, ceil(H / stride), ceil(W / stride), C)`` for odd k.
+  """
+  k = kernel.shape[0]
+  p = (k - 1) // 2
+  _, h, w, _ = x.shape
+  ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  out = None
+  for dy in range(k):
+    for dx in range(k):
+      tap = jax.lax.slice(xp, (0, dy, dx, 0), (xp.shape[0], dy + stride * (ho - 1) + 1,
+                                                dx + stride * (wo - 1) + 1, xp.shape[3]),
+                          (1, stride, stride, 1))
+      term = tap * kernel[dy, dx, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """A depthwise conv (no bias) with ``nn.Conv``'s parameter (``kernel`` ``(k, k, 1, C)``, same init),
+  computed by :func:`depthwise_conv`. ``(B, H, W, C)`` → ``(B, H/stride, W/stride, C)``."""
+
+  kernel_size: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, c), jnp.float32)
+    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) → BatchNorm → activation: the official ``add_conv`` (spec §1).
+
+  ``act`` is LeakyReLU(0.1) for the Darknet models, ReLU6 for the MobileNetV2
+  ones, none for MobileNetV2's linear projections (:func:`activation`);
+  ``groups`` > 1 is a grouped conv (``groups == features == C_in``: depthwise,
+  computed by :class:`DepthwiseConv`).
   Padding is ``(k - 1) // 2`` on every side — symmetric, unlike Flax ``'SAME'``
   which pads stride-2 convs on even inputs as (0, 1).
 
@@ -122,27 +193,35 @@ class ConvBN(nn.Module):
   kernel_size: int
   stride: int = 1
   dtype: Dtype = jnp.float32
+  act: str = "leaky"
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     p = (self.kernel_size - 1) // 2
-    x = nn.Conv(
-        self.features,
-        (self.kernel_size, self.kernel_size),
-        (self.stride, self.stride),
-        padding=((p, p), (p, p)),
-        use_bias=False,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=conv_init,
-        name="conv",
-    )(x)
+    if self.groups > 1 and self.groups == self.features == x.shape[-1]:  # depthwise
+      x = DepthwiseConv(self.kernel_size, self.stride, self.dtype, name="conv")(x)
+    else:
+      x = nn.Conv(
+          self.features,
+          (self.kernel_size, self.kernel_size),
+          (self.stride, self.stride),
+          padding=((p, p), (p, p)),
+          feature_group_count=self.groups,
+          use_bias=False,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=conv_init,
+          name="conv",
+      )(x)
     x = BatchNorm(dtype=self.dtype, name="batch_norm")(x, train)
-    return nn.leaky_relu(x, 0.1)
+    return activation(x, self.act)
 
 
 class ResBlock(nn.Module):
   """``num_blocks`` × (1×1 conv ch→ch/2, 3×3 conv ch/2→ch), optional shortcut (spec §1).
+
+  Without shortcut and with ``act='relu6'`` it is the MobileNet neck's ``ressepblock``.
 
   Submodules ``block_{b}/conv_{0,1}`` ↔ official ``module_list.{b}.{0,1}``.
   Input and output ``(B, H, W, channels)``.
@@ -152,12 +231,13 @@ class ResBlock(nn.Module):
   num_blocks: int
   shortcut: bool = True
   dtype: Dtype = jnp.float32
+  act: str = "leaky"
 
   @nn.compact
   def __call__(self, x, train: bool):
     for b in range(self.num_blocks):
-      h = ConvBN(self.channels // 2, 1, dtype=self.dtype, name=f"block_{b}_conv_0")(x, train)
-      h = ConvBN(self.channels, 3, dtype=self.dtype, name=f"block_{b}_conv_1")(h, train)
+      h = ConvBN(self.channels // 2, 1, dtype=self.dtype, act=self.act, name=f"block_{b}_conv_0")(x, train)
+      h = ConvBN(self.channels, 3, dtype=self.dtype, act=self.act, name=f"block_{b}_conv_1")(h, train)
       x = x + h if self.shortcut else h
     return x
 

@@ -16,6 +16,18 @@ Flax path                                   official state_dict prefix
                                             ``module_list.{19,28,37}.…`` (baseline)
 ``feature_adaption``, ``rfb/branch_b_k``    ``Feature_adaption``, ``rfb.branch_b.k``
 ==========================================  ===========================================
+
+MobileNetV2 models (``backbone='mobilenet_v2'``, the official ``yolov3_mobilev2.py``):
+
+==========================================  ===========================================
+``backbone/layer_{0,18}/{conv,batch_norm}`` ``module_list.{0,18}.{0,1}``
+``backbone/layer_i/expand``                 ``module_list.i.conv.0.{0,1}``
+``backbone/layer_i/dw``                     ``module_list.i.conv.1.{0,1}`` (``conv.0.*`` for i = 1)
+``backbone/layer_i/project/{conv,bn}``      ``module_list.i.conv.{2,3}`` (``conv.{1,2}`` for i = 1)
+``neck/layer_i``                            ``module_list.{i + 8}``
+``fusion_l/[resize/]X``, ``fusion_l/conv``  ``level_l_conv.X`` (ASFFmobile), ``level_l_conv`` (baseline)
+``head_l/…``                                ``level_l_header.…``
+==========================================  ===========================================
 """
 
 from __future__ import annotations
@@ -32,13 +44,45 @@ def _neck_index(i: int, fusion: str) -> int:
   return i + 2 if i <= 24 else i + 4
 
 
-def official_module_name(path: tuple[str, ...], fusion: str) -> str:
+_MOBILE_BLOCK = {"expand": ("0.0", "0.1"), "dw": ("1.0", "1.1"), "project": ("2", "3")}
+_MOBILE_BLOCK_T1 = {"dw": ("0.0", "0.1"), "project": ("1", "2")}
+
+
+def _mobile_backbone_name(i: int, rest: list[str]) -> str:
+  """``module_list.i…`` of a MobileNetV2 ``backbone/layer_i/…`` path (module docstring table)."""
+  if i in (0, 18):
+    if rest not in (["conv"], ["batch_norm"]):
+      raise KeyError(f"backbone/layer_{i}/{'/'.join(rest)}")
+    return f"module_list.{i}.{0 if rest == ['conv'] else 1}"
+  table = _MOBILE_BLOCK_T1 if i == 1 else _MOBILE_BLOCK
+  if len(rest) != 2 or rest[0] not in table or rest[1] not in ("conv", "batch_norm"):
+    raise KeyError(f"backbone/layer_{i}/{'/'.join(rest)}")
+  return f"module_list.{i}.conv.{table[rest[0]][rest[1] == 'batch_norm']}"
+
+
+def official_module_name(path: tuple[str, ...], fusion: str, backbone: str = "darknet53") -> str:
   """Official module prefix for a Flax module path (without collection and leaf).
+
+  ``backbone``: ``'darknet53'`` or ``'mobilenet_v2'`` (``config.model.backbone``).
 
   Raises:
     KeyError: if the path has no official counterpart.
   """
   top, rest = path[0], list(path[1:])
+  mobile = backbone == "mobilenet_v2"
+  if mobile:
+    m = re.fullmatch(r"layer_(\d+)", rest[0]) if rest else None
+    if top == "backbone" and m:
+      return _mobile_backbone_name(int(m.group(1)), rest[1:])
+    if top == "neck" and m:
+      path = (top, f"layer_{int(m.group(1)) + 8}", *rest[1:])
+      return official_module_name(path, "asff")
+    if (mf := re.fullmatch(r"fusion_(\d)", top)):
+      tail = rest[1:] if rest[:1] in (["resize"], ["conv"]) else rest
+      return ".".join([f"level_{mf.group(1)}_conv", *tail])
+    if (mh := re.fullmatch(r"head_(\d)", top)):
+      return ".".join([f"level_{mh.group(1)}_header", *rest])
+    raise KeyError("/".join(path))
   out: list[str] = []
   m = re.fullmatch(r"layer_(\d+)", rest[0]) if rest else None
   if top in ("backbone", "neck"):

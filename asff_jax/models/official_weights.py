@@ -55,8 +55,8 @@ class _Leaf:
   transpose: bool
 
 
-def _leaf_spec(collection, path, leaf, shape, fusion) -> _Leaf:
-  prefix = official_module_name(path, fusion)
+def _leaf_spec(collection, path, leaf, shape, fusion, backbone) -> _Leaf:
+  prefix = official_module_name(path, fusion, backbone)
   is_bn = path[-1] == "batch_norm"
   if collection == "batch_stats":
     name = {"mean": "running_mean", "var": "running_var"}[leaf]
@@ -80,13 +80,13 @@ def expected_layout(config, input_hw=(64, 64)) -> list[_Leaf]:
   """
   model = create_model(config)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_hw, 3), jnp.float32))
-  fusion = model_config(config).fusion
+  fusion, backbone = model_config(config).fusion, model_config(config).backbone
   leaves = []
   for coll in ("params", "batch_stats"):
     flat = jax.tree_util.tree_flatten_with_path(shapes.get(coll, {}))[0]
     for keypath, sds in flat:
       keys = tuple(k.key for k in keypath)
-      leaves.append(_leaf_spec(coll, keys[:-1], keys[-1], sds.shape, fusion))
+      leaves.append(_leaf_spec(coll, keys[:-1], keys[-1], sds.shape, fusion, backbone))
   return leaves
 
 
@@ -193,7 +193,8 @@ def variables_from_official(state_dict: Mapping[str, Any], config, *, strict: bo
   report = LoadReport(loaded, missing, unexpected, mismatched, ignored)
   if strict and (missing or unexpected or mismatched):
     raise ConfigError("official state dict does not match the model config "
-                     f"(fusion={model_config(config).fusion!r}, rfb={model_config(config).rfb}):\n{report}")
+                     f"(backbone={model_config(config).backbone!r}, fusion={model_config(config).fusion!r}, "
+                     f"rfb={model_config(config).rfb}):\n{report}")
   if missing:
     if base_variables is None:
       model = create_model(config)

@@ -199,14 +199,14 @@ def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def weight_decay_mask(params, mode: str = "all", *, fusion: str = "asff"):
+def weight_decay_mask(params, mode: str = "all", *, fusion: str = "asff", backbone: str = "darknet53"):
   """Boolean pytree like ``params``: True where weight decay applies.
 
   Args:
     params: the ``'params'`` collection (nested dicts; leaves arrays or
       ShapeDtypeStructs).
     mode: ``'all' | 'official_nowd' | 'kernels'`` (module docstring).
-    fusion: ``config.model.fusion`` (the official names depend on it).
+    fusion, backbone: ``config.model.fusion`` / ``.backbone`` (the official names depend on them).
 
   Raises:
     ConfigError: for an unknown mode.
@@ -221,7 +221,7 @@ def weight_decay_mask(params, mode: str = "all", *, fusion: str = "asff"):
       if keys[-1] != "kernel":  # BN scale/bias and conv biases never match "conv.weight"
         return False
       try:
-        name = official_module_name(keys[:-1], fusion) + ".weight"
+        name = official_module_name(keys[:-1], fusion, backbone) + ".weight"
       except KeyError:
         return True
       return "conv.weight" in name
@@ -282,7 +282,8 @@ def make_optimizer(config, params) -> Optimizer:
     raise ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {o.name!r}")
   base_lr = scaled_base_lr(o, int(config.batch_size))
   lr_fn = make_schedule(config, base_lr=base_lr)
-  mask = weight_decay_mask(params, o.weight_decay_on, fusion=config.model.fusion)
+  mask = weight_decay_mask(params, o.weight_decay_on, fusion=config.model.fusion,
+                           backbone=config.model.backbone)
   frozen = warm_start.frozen_mask(params, config.init.freeze) if "init" in config else None
   if frozen is not None:  # frozen parameters get no decay (their gradient is zeroed in the step)
     mask = jax.tree.map(lambda m, f: bool(m) and not f, mask, frozen)
