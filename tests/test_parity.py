@@ -119,3 +119,67 @@ def test_asff_star_pred_and_shared_trunk(asff_star_run):
   # The README: backbone and neck are bit-identical to the main fixture's.
   for l in range(3):
     _assert_close_scaled(f"rfb neck_l{l}", out["neck"][l], io_main[f"neck_l{l}"])
+
+
+# ----------------------------------------------------------------------------- strong baseline
+
+
+@pytest.fixture(scope="module")
+def baseline_run():
+  cfg = default_model_config()
+  cfg.fusion = "none"
+  variables = variables_from_official(state_dict_from_spec(parity_file("state_dict_spec_baseline.json")), cfg)
+  io_main = np.load(parity_file("asff_official_io.npz"))
+  model = create_model(cfg)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(_nhwc(io_main["input"])))
+  return jax.tree.map(np.asarray, out), np.load(parity_file("baseline_official_io.npz")), io_main
+
+
+def test_baseline_trunk(baseline_run):
+  """The baseline's backbone and level-0 neck are the ASFF fixture's (its README); level 1 its own route."""
+  out, io, io_main = baseline_run
+  for i, key in enumerate(["c3", "c4", "c5"]):
+    _assert_close_scaled(f"baseline backbone_{key}", out["backbone"][i], io_main[f"backbone_{key}"])
+  _assert_close_scaled("baseline neck_l0", out["neck"][0], io_main["neck_l0"])
+  _assert_close_scaled("baseline neck_l1", out["neck"][1], io["neck_l1"])
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_baseline_heads(baseline_run, level):
+  out, io, _ = baseline_run
+  lv = out["levels"][level]
+  # the per-level 3x3 conv-BN-leaky output (module_list.18/27/36); at level 2 it is the neck's last layer
+  _assert_close_scaled(f"baseline head_input_l{level}", lv["head_input"], io[f"head_input_l{level}"])
+  if level == 2:
+    _assert_close_scaled("baseline neck (P3)", out["neck"][2], io["head_input_l2"])
+  _assert_close_scaled(f"baseline head_guide_wh_l{level}", lv["guide_wh"], io[f"head_guide_wh_l{level}"])
+  _assert_close_scaled(f"baseline head_offset_l{level}", lv["offset"], io[f"head_offset_l{level}"])
+  _assert_close_scaled(f"baseline head_adapted_l{level}", lv["adapted"], io[f"head_adapted_l{level}"])
+  _assert_close_scaled(f"baseline head_raw_l{level}", lv["raw"], io[f"head_raw_l{level}"])
+  assert "fusion_weights" not in lv
+
+
+def test_baseline_pred_and_detections(baseline_run):
+  from asff_jax.evaluation import postprocess  # pylint: disable=import-outside-toplevel  (this test only)
+
+  out, io, _ = baseline_run
+  _assert_pred(out["pred"], io["pred"])
+  _assert_detections(postprocess.postprocess_reference(out["pred"], conf_thre=0.01, nms_thre=0.65)[0],
+                     io["detections"])
+
+
+def _assert_detections(got, want, min_iou=0.999):
+  """The fixture README's check: the same rows per class, each official box matched one to one (IoU > 0.999)."""
+  assert got.shape == want.shape, (got.shape, want.shape)
+  for c in np.unique(want[:, 6]):
+    g, w = got[got[:, 6] == c, :4].astype(np.float64), want[want[:, 6] == c, :4].astype(np.float64)
+    assert len(g) == len(w), f"class {c}: {len(g)} vs {len(w)} detections"
+    tl, br = np.maximum(w[:, None, :2], g[None, :, :2]), np.minimum(w[:, None, 2:], g[None, :, 2:])
+    inter = np.prod(np.clip(br - tl, 0, None), -1)
+    area = lambda b: np.prod(b[:, 2:] - b[:, :2], -1)
+    iou = inter / (area(w)[:, None] + area(g)[None, :] - inter)
+    used = np.zeros(len(g), bool)
+    for i in np.argsort(-iou.max(1)):
+      j = int(np.argmax(np.where(used, -1.0, iou[i])))
+      assert iou[i, j] > min_iou, f"class {c}: official box {w[i]} unmatched (best IoU {iou[i, j]:.6f})"
+      used[j] = True
