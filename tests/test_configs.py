@@ -18,7 +18,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
 def test_all_config_files_are_covered():
   names = {p.stem for p in CONFIGS}
   assert {"default", "digits_long", "tiny", "coco_baseline_608", "coco_asff_608", "coco_asff_star_608",
-          "coco_asff_star_800"} <= names
+          "coco_asff_star_800", "coco_mobilenet_asff_416", "coco_mobilenet_baseline_416"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -49,3 +49,37 @@ def test_digits_long_trains_on_more_images_than_default():
   assert long.model.to_dict() == base.model.to_dict()
   assert long.dataset.input_size == base.dataset.input_size
   assert long.num_train_steps * long.batch_size > 2 * base.num_train_steps * base.batch_size
+
+
+def _tiny_from(path, tmp_path):
+  """A ``configs/`` recipe shrunk to a seconds-long run: 1/8 width, synthetic 64-px data, 1 step."""
+  c = load_config_file(path)
+  c.model.width, c.model.num_classes = 0.125, 3
+  c.dataset.source, c.dataset.input_size, c.dataset.first_size = "synthetic", 64, 64
+  c.dataset.synthetic_image_hw, c.dataset.random_resize, c.dataset.mixup = (64, 80), False, False
+  c.eval.input_size, c.batch_size, c.num_train_steps = 64, 2, 1
+  c.eval_every_steps, c.eval_at_end, c.write_tensorboard = 0, False, False
+  c.init_rng_impl = "rbg"
+  return c
+
+
+def test_mobilenet_configs_train_a_step_at_tiny_width(tmp_path):
+  """configs/coco_mobilenet_*_416.py: the ASFF one runs a real training step, the baseline's step traces."""
+  from asff_jax.models import losses  # pylint: disable=import-outside-toplevel  (this test only)
+  from asff_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel  (this test only)
+
+  asff = _tiny_from(CONFIG_DIR / "coco_mobilenet_asff_416.py", tmp_path)
+  assert asff.model.backbone == "mobilenet_v2" and asff.model.anchors == "yolov3"
+  state = train_and_evaluate(asff, str(tmp_path / "asff"), show_progress=False)
+  assert int(jax.device_get(state.step)) == 1 and int(jax.device_get(state.nonfinite_count)) == 0
+  assert "offset" not in str(jax.tree_util.tree_structure(state.params))  # no deformable adaption
+
+  base = _tiny_from(CONFIG_DIR / "coco_mobilenet_baseline_416.py", tmp_path)
+  model = create_model(base)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
+  labels = jnp.zeros((2, 8, 6), jnp.float32).at[:, 0].set(jnp.array([0, 20.0, 20.0, 16.0, 16.0, 1.0]))
+  grads = jax.eval_shape(lambda v: jax.grad(lambda p: losses.loss_fn(
+      {"params": p, "batch_stats": v["batch_stats"]}, jnp.zeros((2, 64, 64, 3)), labels, model=model,
+      config=base, train=True, rng=jax.random.key(0))[0])(v["params"]), shapes)
+  assert jax.tree.structure(grads) == jax.tree.structure(shapes["params"])
+  assert set(shapes["params"]["fusion_2"]) == {"conv"}  # the mobile baseline's level_2_conv

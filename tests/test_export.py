@@ -171,3 +171,25 @@ def test_resize_matches_tf_bilinear():
     ours = np.asarray(export.resize_bilinear(x, s))
     ref = tf.image.resize(x, (s, s), "bilinear").numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_mobilenet_v2_exports_and_reloads(tmp_path):
+  """The MobileNetV2 + ASFF model (no deformable conv) exports to StableHLO and reloads to predict's detections."""
+  from asff_jax.training import checkpoints  # pylint: disable=import-outside-toplevel  (as in setup)
+  from asff_jax.models import create_model  # pylint: disable=import-outside-toplevel  (as in setup)
+  from asff_jax.tools import export  # pylint: disable=import-outside-toplevel  (as in setup)
+  from asff_jax.tools.predict import predict_files  # pylint: disable=import-outside-toplevel  (as in setup)
+
+  config = tiny_config()
+  config.model.backbone, config.model.anchors = "mobilenet_v2", "yolov3"
+  config.dataset.class_names, config.dataset.category_ids = ["a", "b", "c"], [3, 7, 11]
+  workdir = tmp_path / "run"
+  checkpoints.write_workdir(str(workdir), random_variables(create_model(config), seed=2), config)
+  rng = np.random.default_rng(1)
+  path = tmp_path / "img.png"
+  Image.fromarray(rng.integers(0, 255, (11, 16, 3), dtype=np.uint8)).resize((120, 90), Image.BILINEAR).save(path)
+  ref = predict_files(str(workdir), [str(path)], str(tmp_path / "pred"), score_thre=SCORE_THRE)["detections"]
+  meta = export.export_workdir(str(workdir), str(tmp_path / "hlo"), input_size=64, score_thre=SCORE_THRE)
+  assert meta["input_size"] == 64
+  res = _run_fresh(_JAX_RUNNER, tmp_path / "hlo" / "model.jax_export", path)
+  _assert_same(ref[str(path)], res[str(path)])
