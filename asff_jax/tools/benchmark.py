@@ -13,7 +13,8 @@ decode and mixup, issue 7) as a ratio (target ≥ 2).
 ``--what model`` / ``--what train`` (issue 7): the eval forward and the
 training step (official loss, its gradient, an SGD-momentum update; 8 boxes per
 image) of the full-size detectors — ``none`` (baseline), ``asff`` and ASFF*
-(``asff_star``: RFB) — for each input size, batch size and dtype asked for.
+(``asff_star``: RFB), and on request the MobileNetV2 models (``mobile_none``,
+``mobile_asff``) — for each input size, batch size and dtype asked for.
 Per case: compile time; the FLOPs XLA's cost analysis counts in the compiled
 function; the median time of ``repeats`` runs; achieved GFLOP/s and its ratio to
 a dense float32 matmul peak measured in the same process at the start and at
@@ -21,7 +22,7 @@ the end of the run (the larger is used); XLA's peak memory estimate (arguments +
 outputs + temporaries); the ASFF/baseline time ratio at the same shape (the
 two compiled functions timed alternately, ratio of medians: this shared CPU's
 clock drifts by 10-20 % between minutes); and,
-for the forward, the deformable convs' share (the three heads' DCN compiled
+for the forward of the Darknet models, the deformable convs' share (the three heads' DCN compiled
 alone on inputs of the same shapes, divided by the forward time). Weights are
 random (:func:`asff_jax.models.random_variables`): speed does not depend on
 their values.
@@ -73,6 +74,8 @@ OFFICIAL_AUG_IMAGES_PER_CORE = 29.0
 OFFICIAL_SECONDS = {("forward", 416, 1): 0.63, ("forward", 608, 1): 1.24,
                     ("train", 320, 4): 5.6, ("train", 416, 4): 10.1}
 MODELS = ("none", "asff", "asff_star")
+#: Also measurable with ``--models``: the official MobileNetV2 models (baseline, ``ASFFmobile``).
+MOBILE_MODELS = ("mobile_none", "mobile_asff")
 
 
 def bench_input(quick: bool = False) -> dict:
@@ -135,12 +138,17 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> dict:
 
 
 def model_config(name: str, *, dtype: str = "float32", quick: bool = False):
-  """Config of benchmark model ``name`` (``none``, ``asff``, ``asff_star``); ``quick``: 1/8 width, 10 classes."""
+  """Config of benchmark model ``name`` (``none``, ``asff``, ``asff_star``, ``mobile_none``,
+  ``mobile_asff``); ``quick``: 1/8 width, 10 classes."""
 
-  if name not in MODELS:
-    raise ConfigError(f"--models: unknown model {name!r}; choose from {MODELS}")
-  c = config_lib.coco_recipe(fusion="none" if name == "none" else "asff", rfb=name == "asff_star",
-                             dropblock=name == "asff_star")
+  if name not in MODELS + MOBILE_MODELS:
+    raise ConfigError(f"--models: unknown model {name!r}; choose from {MODELS + MOBILE_MODELS}")
+  mobile = name.startswith("mobile_")
+  base = name.removeprefix("mobile_")
+  c = config_lib.coco_recipe(fusion="none" if base == "none" else "asff", rfb=base == "asff_star",
+                             dropblock=base == "asff_star")
+  if mobile:
+    c.model.backbone, c.model.anchors = "mobilenet_v2", "yolov3"
   c.model.dtype = dtype
   if quick:
     c.model.width = 0.125
@@ -212,7 +220,7 @@ def bench_case(what: str, name: str, size: int, batch: int, dtype: str, *, repea
   jax.block_until_ready(compiled(*args))
   row["seconds"] = median_time(lambda: compiled(*args), repeats)
   row["gflops"] = row["flops"] / row["seconds"] / 1e9
-  if what == "forward":  # every model has the guided-anchor heads with their DCN
+  if what == "forward" and "feature_adaption" in variables["params"]["head_0"]:  # Darknet heads: DCN share
     cdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     parts = _dcn_inputs(variables, size, batch, np.float32)
 
@@ -252,11 +260,13 @@ def bench_models(whats, *, models=MODELS, sizes=(320, 416, 608), batches=(1, 8),
             log(format_row(r))
   # ASFF/baseline: the two compiled functions timed alternately (A B A B ...), so that drifts of this
   # shared CPU's clock hit both alike; the ratio of the medians.
-  key = lambda r: (r["what"], r["size"], r["batch"], r["dtype"])
-  base = {key(r): r for r in rows if r["model"] == "none"}
+  # Each model against the baseline of its backbone (mobile_asff against mobile_none).
+  key = lambda r: (r["what"], r["size"], r["batch"], r["dtype"],
+                               r["model"].startswith("mobile_"))
+  base = {key(r): r for r in rows if r["model"] in ("none", "mobile_none")}
   for r in rows:
     b = base.get(key(r))
-    if b is not None and r["model"] != "none":
+    if b is not None and r["model"] not in ("none", "mobile_none"):
       tb, tr = [], []
       # quick mode times milliseconds: at least 5 pairs so one stray stall cannot flip the ratio
       for _ in range(max(int(repeats), 5 if quick else 1)):
@@ -382,7 +392,8 @@ def main(argv=None):
                       "input pipeline, model forward, training step, all three, or op-level profiles "
                       "of the forward and training step (first size / batch / dtype)", flag_values=fv)
     flags.DEFINE_bool("quick", False, "tiny sizes, few batches (CI smoke mode)", flag_values=fv)
-    flags.DEFINE_list("models", list(MODELS), "none,asff,asff_star", flag_values=fv)
+    flags.DEFINE_list("models", list(MODELS), "none,asff,asff_star (also mobile_none,mobile_asff)",
+                      flag_values=fv)
     flags.DEFINE_list("sizes", ["320", "416", "608"], "input sizes", flag_values=fv)
     flags.DEFINE_list("batches", ["1", "8"], "batch sizes", flag_values=fv)
     flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes", flag_values=fv)
