@@ -82,3 +82,15 @@ def test_accelerator_check_quick(tmp_path):
   assert [f["size"] for f in r["forward"]] == [64] and r["forward"][0]["images_per_s"] > 0
   assert r["input"]["host_cores_needed"] == pytest.approx(t["images_per_s"] / r["input"]["images_per_cpu_s"])
   assert not r["skipped"]
+
+
+def test_mobilenet_models_are_benchmarked():
+  """``--models mobile_none,mobile_asff``: the MobileNetV2 models' rows (no DCN share: no deformable conv)."""
+  rows = [benchmark.bench_case("forward", name, 64, 1, "float32", repeats=1, quick=True)
+          for name in ("mobile_none", "mobile_asff")]
+  for r in rows:
+    assert r["seconds"] > 0 and r["flops"] > 0 and "dcn_share" not in r
+  fwd = {r["model"]: r for r in rows}
+  assert fwd["mobile_asff"]["flops"] > fwd["mobile_none"]["flops"]  # ASFFmobile's extra convs
+  config = benchmark.model_config("mobile_asff", quick=True)
+  assert config.model.backbone == "mobilenet_v2" and config.model.anchors == "yolov3"
