@@ -297,7 +297,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
 
 
 def coco_recipe(*, fusion: str = "asff", rfb: bool = False, dropblock: bool = False,
-                input_size: int = 608, paper_ap: float = -1.0) -> ml_collections.ConfigDict:
+                input_size: int = 608, paper_ap: float = -1.0,
+                backbone: str = "darknet53") -> ml_collections.ConfigDict:
   """The official COCO training recipe (spec §7) for one model, for ``configs/coco_*.py``.
 
   * data: TFDS ``coco/2017`` prepared under ``dataset.data_dir`` (or a COCO
@@ -315,6 +316,8 @@ def coco_recipe(*, fusion: str = "asff", rfb: bool = False, dropblock: bool = Fa
     threshold 0.001, NMS 0.65, at most 100 detections per image.
 
   ``paper_ap``: the COCO AP the paper reports for this model (documentation).
+  ``backbone='mobilenet_v2'``: the official MobileNetV2 models, with the YOLOv3
+  anchor (373, 326) their heads use (``model.anchors='yolov3'``).
   """
   c = default_config()
   steps_per_epoch = COCO_TRAIN_IMAGES // 64
@@ -326,6 +329,9 @@ def coco_recipe(*, fusion: str = "asff", rfb: bool = False, dropblock: bool = Fa
   c.dataset.first_size = input_size
   c.dataset.sizes = tuple(range(320, input_size + 1, 32))
   c.dataset.num_train_examples = COCO_TRAIN_IMAGES
+  c.model.backbone = backbone
+  if backbone == "mobilenet_v2":
+    c.model.anchors = "yolov3"
   c.model.fusion = fusion
   c.model.rfb = rfb
   c.model.dropblock = dropblock

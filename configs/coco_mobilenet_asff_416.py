@@ -27,8 +27,6 @@ from asff_jax.config import coco_recipe
 
 
 def get_config():
-  c = coco_recipe(fusion="asff", rfb=False, dropblock=False, input_size=608, paper_ap=30.6)
-  c.model.backbone = "mobilenet_v2"
-  c.model.anchors = "yolov3"
+  c = coco_recipe(fusion="asff", input_size=608, paper_ap=30.6, backbone="mobilenet_v2")
   c.eval.input_size = 416
   return c

@@ -14,8 +14,6 @@ from asff_jax.config import coco_recipe
 
 
 def get_config():
-  c = coco_recipe(fusion="none", rfb=False, dropblock=False, input_size=608, paper_ap=29.0)
-  c.model.backbone = "mobilenet_v2"
-  c.model.anchors = "yolov3"
+  c = coco_recipe(fusion="none", input_size=608, paper_ap=29.0, backbone="mobilenet_v2")
   c.eval.input_size = 416
   return c

@@ -146,9 +146,7 @@ def model_config(name: str, *, dtype: str = "float32", quick: bool = False):
   mobile = name.startswith("mobile_")
   base = name.removeprefix("mobile_")
   c = config_lib.coco_recipe(fusion="none" if base == "none" else "asff", rfb=base == "asff_star",
-                             dropblock=base == "asff_star")
-  if mobile:
-    c.model.backbone, c.model.anchors = "mobilenet_v2", "yolov3"
+                             dropblock=base == "asff_star", backbone="mobilenet_v2" if mobile else "darknet53")
   c.model.dtype = dtype
   if quick:
     c.model.width = 0.125
