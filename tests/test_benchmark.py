@@ -94,3 +94,28 @@ def test_mobilenet_models_are_benchmarked():
   assert fwd["mobile_asff"]["flops"] > fwd["mobile_none"]["flops"]  # ASFFmobile's extra convs
   config = benchmark.model_config("mobile_asff", quick=True)
   assert config.model.backbone == "mobilenet_v2" and config.model.anchors == "yolov3"
+
+
+def test_official_figures_are_the_side_by_side_ones():
+  """``OFFICIAL_SECONDS`` are the best official times of ``../shared/docs/official_timing.md``."""
+  import re
+  from pathlib import Path
+  doc = Path(__file__).resolve().parents[1].parent / "shared" / "docs" / "official_timing.md"
+  if not doc.exists():
+    pytest.skip(f"{doc} not found (expected ../shared beside the repo)")
+  text = doc.read_text()
+  rows, own = {}, {}
+  for line in text.splitlines():
+    m = re.match(r"\|\s*(eval forward, batch 1, (\d+)|training step.*batch (\d+) .*?, (\d+))\s*\|"
+                 r"\s*([\d.]+) s\s*\|\s*\**([\d.]+) s\**\s*\|", line)
+    if m:
+      official = min(float(m.group(5)), float(m.group(6)))
+      ours = float(re.search(r"\|\s*\**([\d.]+) s\**\s*\|\s*\**[\d.]+\**\s*\|\s*[\d.]+\s*\|\s*$",
+                               line).group(1))
+      key = ("forward", int(m.group(2)), 1) if m.group(2) else ("train", int(m.group(4)), int(m.group(3)))
+      rows[key] = official
+      own[key] = ours
+  assert rows == benchmark.OFFICIAL_SECONDS
+  assert own == benchmark.ASFF_JAX_SECONDS_IN_OFFICIAL_RUN
+  peak = re.search(r"\*\*jax (\d+)\*\*", text)
+  assert peak and float(peak.group(1)) == benchmark.OFFICIAL_RUN_JAX_PEAK_GFLOPS
