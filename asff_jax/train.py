@@ -248,6 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      enabled=show_progress and is_main)
   t_log, steps_since_log = time.time(), 0
   last_eval: dict = {}
+  timers = _Timers(setup=time.time() - t_start)
 
   def drain():
     """Fetches the pending step's metrics, accumulates them and enforces the non-finite limit."""
@@ -272,10 +273,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     step = start_step
     while step < total_steps:
+      t0 = time.time()
       batch = _poison(next(data_iter), step, nan_steps)
       batch = shd.make_global_batch(batch, mesh, int(config.batch_size))
+      t1 = time.time()
       state, metrics = step_fn(state, batch, dropblock_for_step(config, step))
+      t2 = time.time()
       drain()  # the previous step's metrics: one step stays in flight
+      timers.add_step(t1 - t0, t2 - t1, time.time() - t2, first=step == start_step)
       pending = (step, metrics)
       step += 1
       steps_since_log += 1
@@ -290,7 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       stop_now = stop.requested if jax.process_count() == 1 else (
           step % int(config.preemption_sync_every_steps) == 0 and _agree(stop.requested))
       if do_log or do_ckpt or do_eval or stop_now:
+        t0 = time.time()
         drain()
+        timers.steps += time.time() - t0
       if do_log:
         now = time.time()
         dt = (now - t_log) / max(steps_since_log, 1)
@@ -304,32 +311,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             f"{scalars['images_per_sec']:.1f} img/s")
         t_log, steps_since_log = now, 0
       if do_ckpt or stop_now:
+        t0 = time.time()
         checkpoints.save(mngr, int(shd.to_host(state.step)), state, config)
+        timers.checkpoint += time.time() - t0
       if do_eval or (is_last and evaluate_fn is not None and bool(config.eval_at_end)):
+        t0 = time.time()
         params = state.ema_params if (config.eval.use_ema and state.ema_params) else state.params
         eval_metrics = evaluate_fn(shd.to_host({"params": params, "batch_stats": state.batch_stats}), step)
         if eval_metrics:
           writer.write(step, dict(eval_metrics))
           last_eval = dict(eval_metrics)
         t_log = time.time()  # keep evaluation time out of the training images/s
+        timers.evaluation += t_log - t0
       if stop_now:
         logger.warning("stopping at step %d on signal; checkpoint saved", step)
         break
+    t0 = time.time()
     drain()
+    timers.steps += time.time() - t0
   finally:
     bar.close()
     stop.close()
+    t0 = time.time()
     mngr.wait_until_finished()
     mngr.close()
+    timers.checkpoint += time.time() - t0
+    if step > start_step:
+      writer.write(step, timers.scalars(time.time() - t_start))
     writer.close()
   if is_main:
-    logger.info("%s", _summary(step, time.time() - t_start, workdir, last_eval))
+    logger.info("%s", _summary(step, time.time() - t_start, workdir, last_eval, timers))
   return state
 
 
-def _summary(step: int, seconds: float, workdir: str, metrics: Mapping[str, float]) -> str:
-  """The end-of-run table: final metrics and where the outputs are."""
+class _Timers:
+  """Where the wall time of a run went (seconds), written as ``time/*`` to metrics.jsonl at the end.
+
+  ``setup``: from the call to the first step (dataset preparation, resolving the config, model
+  init or checkpoint restore); ``compile``: the first step's dispatch (tracing + XLA compilation);
+  ``input``: waiting for the next batch of the input pipeline; ``steps``: dispatching the other
+  steps and waiting for their results (the device's time); ``evaluation`` and ``checkpoint``.
+  """
+
+  def __init__(self, setup: float):
+    self.setup, self.compile, self.input, self.steps = setup, 0.0, 0.0, 0.0
+    self.evaluation = self.checkpoint = 0.0
+
+  def add_step(self, input_s: float, dispatch_s: float, wait_s: float, *, first: bool) -> None:
+    self.input += input_s
+    if first:
+      self.compile += dispatch_s
+      self.steps += wait_s
+    else:
+      self.steps += dispatch_s + wait_s
+
+  def parts(self) -> dict[str, float]:
+    return {"setup": self.setup, "compile": self.compile, "input": self.input, "steps": self.steps,
+            "evaluation": self.evaluation, "checkpoint": self.checkpoint}
+
+  def scalars(self, total: float) -> dict[str, float]:
+    out = {f"time/{k}_s": v for k, v in self.parts().items()}
+    out["time/total_s"] = total
+    return out
+
+
+def _summary(step: int, seconds: float, workdir: str, metrics: Mapping[str, float],
+             timers: Optional[_Timers] = None) -> str:
+  """The end-of-run table: final metrics, where the time went and where the outputs are."""
   lines = [f"training done at step {step} in {seconds / 60:.1f} min"]
+  if timers is not None and seconds > 0:
+    lines.append("  time: " + ", ".join(f"{k} {v:.0f} s ({100 * v / seconds:.0f} %)"
+                                        for k, v in timers.parts().items()))
   names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AP50_agnostic")
   if metrics:
     lines.append("  " + "  ".join(f"{k:>8s}" for k in names))

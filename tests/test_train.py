@@ -104,6 +104,15 @@ def test_run_writes_config_checkpoints_and_logs(reference_run):
   assert all("images_per_sec" in m and "train/loss_obj_l0" in m for m in logged if "train/loss" in m)
   # the console shows the progress line, not the per-component losses
   assert "loss_obj_l0" not in r.stderr + r.stdout and "train: 8/8" in r.stderr
+  # where the wall time went: the parts are measured, and together they are the run's wall time
+  timing = [m for m in logged if "time/total_s" in m]
+  assert len(timing) == 1 and timing[0]["step"] == STEPS
+  parts = {k: v for k, v in timing[0].items() if k.startswith("time/") and k != "time/total_s"}
+  assert set(parts) == {f"time/{k}_s" for k in ("setup", "compile", "input", "steps", "evaluation",
+                                                 "checkpoint")}
+  assert min(parts.values()) >= 0 and parts["time/compile_s"] > 0 and parts["time/steps_s"] > 0
+  assert 0.8 * timing[0]["time/total_s"] <= sum(parts.values()) <= timing[0]["time/total_s"]
+  assert "time: setup" in r.stderr + r.stdout
 
 
 def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(env, reference_run, tmp_path):
