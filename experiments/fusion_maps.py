@@ -1,4 +1,4 @@
-"""The paper's Figure 3: detections and the learned ASFF fusion weights α/β/γ of each level.
+"""The paper's Figure 3: detections, the fused feature maps and the learned ASFF weights α/β/γ of each level.
 
 ::
 
@@ -11,7 +11,8 @@ Takes the first ``--num_images`` images of the run's evaluation split (a
 ``asff`` run through :func:`asff_jax.tools.predict.predict_files` with fusion maps
 on, and writes for each image ``<name>.png`` (detections) and
 ``<name>_fusion.png``: per fused level l (rows; strides 32, 16, 8) the image
-with its detections and the three weight maps α, β, γ — the weight level l
+with its detections, the fused feature map (channel sum, as the official
+``vis``) and the three weight maps α, β, γ — the weight level l
 gives the resized features x^{1→l}, x^{2→l}, x^{3→l} (paper Eq. 1–2, they sum
 to 1 at every cell). Also ``detections.json``.
 """
@@ -31,6 +32,7 @@ if REPO not in sys.path:
 from asff_jax.config import load_workdir_config  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax.data.sources import DEFAULT_DIGITS_DIR  # noqa: E402  pylint: disable=wrong-import-position
 from asff_jax.tools.predict import predict_files  # noqa: E402  pylint: disable=wrong-import-position
+from asff_jax.training.checkpoints import available_steps  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def eval_images(config, n: int) -> list[str]:
@@ -60,9 +62,12 @@ def main(argv=None) -> int:
     raise SystemExit(f"fusion_maps: {args.workdir} has model.fusion={config.model.fusion!r}; "
                      "only ASFF learns fusion weights")
   paths = args.images or eval_images(config, args.num_images)
-  res = predict_files(args.workdir, paths, args.out, config=config, step=args.checkpoint,
+  step = args.checkpoint if args.checkpoint is not None else max(available_steps(args.workdir), default=None)
+  if step is None:
+    raise SystemExit(f"fusion_maps: {args.workdir} has no checkpoint")
+  res = predict_files(args.workdir, paths, args.out, config=config, step=step,
                       score_thre=args.score_thre, fusion_maps=True)
-  print(f"wrote {len(paths)} images to {args.out} (step {res['step']}, {time.time() - t0:.0f} s)")
+  print(f"wrote {len(paths)} images to {args.out} (step {step}, {time.time() - t0:.0f} s)")
   return 1 if res["failed"] else 0
 
 

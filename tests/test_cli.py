@@ -121,3 +121,17 @@ def test_predict_cli_writes_images_json_and_fusion_maps(trained, tmp_path):
     assert len(det["detections"][str(p)]) > 0  # score_thre 0 keeps the NMS survivors
   # boxes are in original pixels: a non-square input image maps back per axis
   assert np.isfinite([b for dets in det["detections"].values() for d in dets for b in d["bbox"]]).all()
+
+
+def test_fusion_maps_experiment_script(trained, tmp_path):
+  """``experiments/fusion_maps.py`` (the paper's Figure 3) as shipped, on the tiny run's checkpoint."""
+  tmp, env, workdir, _ = trained
+  val = sorted((tmp / "digits" / "val").iterdir())[:2]
+  out = tmp_path / "maps"
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "fusion_maps.py"), f"--workdir={workdir}",
+                      "--images", *map(str, val), f"--out={out}", "--score_thre=0.0"],
+                     env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert "step 2" in r.stdout
+  for p in val:
+    assert (out / f"{p.stem}_fusion.png").stat().st_size > 0 and (out / f"{p.stem}.png").stat().st_size > 0
