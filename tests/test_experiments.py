@@ -60,6 +60,8 @@ def test_fusion_ablation_script(tmp_path):
   assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in ("AP50", "AP50_agnostic"))
   md = (out / "results.md").read_text()
   assert "| none | 1 |" in md and "| asff | 1 |" in md
+  assert "| asff − none | AP50 |" in md and "one seed: no interval" in md
+  assert (out / "runs" / "asff_s0.csv").exists() and (out / "runs" / "none_s0.csv").exists()
   # a finished run is not trained again
   mtime = os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json")
   assert fa.main(args) == 0
@@ -81,3 +83,42 @@ def test_coco_scale_script_tiny(tmp_path):
   assert result["prepare_s"] > 0 and result["open_s"] > 0 and result["prepare_peak_rss_mb"] > 0
   # the images are hard links to one file
   assert os.stat(tmp_path / "coco" / "shared_0.jpg").st_nlink == 41
+
+
+@pytest.mark.slow  # two compiles of the tiny model (~1 min): kept out of CI
+def test_steps_per_dispatch_scan_equals_loop(tmp_path):
+  """The scanned variant the probe times runs the same steps: params equal the dispatch loop's."""
+  spd = _script("steps_per_dispatch")
+  cfg = write_tiny_digits_config(tmp_path, num_train=16, num_val=4, num_train_steps=20)
+  r = spd.measure(str(cfg), k=2, rounds=1)
+  assert r["one_s"] > 0 and r["scan_s"] > 0
+  assert r["max_param_diff"] < 1e-4
+
+
+def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
+  """Table 3's analysis: paired per-seed differences, t-intervals, verdicts; per-run CSVs re-read."""
+  fa = _script("fusion_ablation")
+  ap50 = {("asff", 0): 0.40, ("asff", 1): 0.42, ("asff", 2): 0.41,
+          ("sum", 0): 0.30, ("sum", 1): 0.33, ("sum", 2): 0.31,
+          ("none", 0): 0.41, ("none", 1): 0.40, ("none", 2): 0.43}
+  rows = [{"fusion": f, "seed": s, "steps": 100, **{k: v for k in fa.METRICS}, "train_s": 1.0}
+          for (f, s), v in ap50.items()]
+  d = fa.paired_difference(rows, "asff", "sum", "AP50")
+  assert d["seeds"] == [0, 1, 2]
+  np.testing.assert_allclose(d["diffs"], [0.10, 0.09, 0.10], atol=1e-12)
+  diffs = np.array(d["diffs"])
+  half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, df=2)
+  assert d["mean"] == pytest.approx(diffs.mean()) and d["low"] == pytest.approx(diffs.mean() - half)
+  assert fa.verdict(d, "asff", "sum") == "asff is better than sum"
+  d2 = fa.paired_difference(rows, "asff", "none", "AP50")  # +0.01, -0.02... interval spans 0
+  assert d2["low"] < 0 < d2["high"] and fa.verdict(d2, "asff", "none").startswith("not resolved")
+  assert fa.verdict(fa.paired_difference(rows, "sum", "asff", "AP50"), "sum", "asff") == "sum is worse than asff"
+  assert fa.paired_difference(rows, "asff", "concat", "AP50") is None
+  # per-run CSVs: written atomically, read back only for the same number of steps
+  fa.write_run(str(tmp_path), rows[0])
+  assert fa.read_run(str(tmp_path), "asff", 0, 100) == rows[0]
+  assert fa.read_run(str(tmp_path), "asff", 0, 200) is None and fa.read_run(str(tmp_path), "sum", 0, 100) is None
+  fa.write_outputs(str(tmp_path), rows, {"none": 1.0, "sum": 1.01, "asff": 1.04}, "cmd", 10.0)
+  md = (tmp_path / "results.md").read_text()
+  assert "| asff − sum | AP50 | 0: +0.100, 1: +0.090, 2: +0.100 | +0.097 |" in md
+  assert "asff is better than sum" in md and "| asff | 3 | 0.410 ± 0.008 |" in md
