@@ -257,7 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return
     s, m = pending
     pending = None
-    m = jax.tree.map(np.asarray, shd.to_host(m))
+    t0 = time.time()
+    m = jax.tree.map(np.asarray, shd.to_host(m))  # waits for the step: its time counts as steps
+    timers.steps += time.time() - t0
     log.add(m)
     if not bool(m["finite"]):
       logger.warning("step %d: non-finite loss or gradient (loss=%s); update skipped "
@@ -278,9 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       batch = shd.make_global_batch(batch, mesh, int(config.batch_size))
       t1 = time.time()
       state, metrics = step_fn(state, batch, dropblock_for_step(config, step))
-      t2 = time.time()
+      timers.add_step(t1 - t0, time.time() - t1, first=step == start_step)
       drain()  # the previous step's metrics: one step stays in flight
-      timers.add_step(t1 - t0, t2 - t1, time.time() - t2, first=step == start_step)
       pending = (step, metrics)
       step += 1
       steps_since_log += 1
@@ -295,9 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       stop_now = stop.requested if jax.process_count() == 1 else (
           step % int(config.preemption_sync_every_steps) == 0 and _agree(stop.requested))
       if do_log or do_ckpt or do_eval or stop_now:
-        t0 = time.time()
         drain()
-        timers.steps += time.time() - t0
       if do_log:
         now = time.time()
         dt = (now - t_log) / max(steps_since_log, 1)
@@ -326,9 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if stop_now:
         logger.warning("stopping at step %d on signal; checkpoint saved", step)
         break
-    t0 = time.time()
     drain()
-    timers.steps += time.time() - t0
   finally:
     bar.close()
     stop.close()
@@ -357,13 +354,14 @@ class _Timers:
     self.setup, self.compile, self.input, self.steps = setup, 0.0, 0.0, 0.0
     self.evaluation = self.checkpoint = 0.0
 
-  def add_step(self, input_s: float, dispatch_s: float, wait_s: float, *, first: bool) -> None:
+  def add_step(self, input_s: float, dispatch_s: float, *, first: bool) -> None:
+    """One step's input wait and dispatch (the first dispatch traces and compiles); the wait for
+    its result is added to ``steps`` where the metrics are fetched."""
     self.input += input_s
     if first:
       self.compile += dispatch_s
-      self.steps += wait_s
     else:
-      self.steps += dispatch_s + wait_s
+      self.steps += dispatch_s
 
   def parts(self) -> dict[str, float]:
     return {"setup": self.setup, "compile": self.compile, "input": self.input, "steps": self.steps,

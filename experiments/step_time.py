@@ -28,12 +28,12 @@ from asff_jax.training.state import create_train_state  # noqa: E402
 from asff_jax.training.step import dropblock_for_step, make_train_step_fn  # noqa: E402
 
 
-def main(argv) -> int:
-  if not argv:
-    print(__doc__)
-    return 2
-  config = config_lib.load_config_file(argv[0])
-  for kv in argv[1:]:
+def setup(config_path: str, overrides=(), devices=None):
+  """The config (``key=value`` overrides applied, resolved against its dataset), its train source,
+  a mesh over ``devices`` (default all), the model, the optimizer and the input shape — as
+  ``asff_jax.train`` builds them. Shared with ``steps_per_dispatch.py``."""
+  config = config_lib.load_config_file(config_path)
+  for kv in overrides:
     key, value = kv.split("=", 1)
     *path, last = key.split(".")
     node = config
@@ -43,12 +43,20 @@ def main(argv) -> int:
     node[last] = value if isinstance(old, str) else type(old)(eval(value))  # noqa: S307 (lab script)
   source = loader.train_source(config)
   config = config_lib.resolve_config(config, **loader.dataset_info(source))
-  mesh = shd.make_mesh(None)
+  mesh = shd.make_mesh(devices)
   size = int(config.dataset.input_size)
   model = create_model(config)
   shape = (1, size, size, 3)
   params_shape = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
   opt = optim.make_optimizer(config, params_shape)
+  return config, source, mesh, model, opt, shape
+
+
+def main(argv) -> int:
+  if not argv:
+    print(__doc__)
+    return 2
+  config, source, mesh, model, opt, shape = setup(argv[0], argv[1:])
   state = create_train_state(model, opt.tx, jax.random.key(0), shape, sharding=shd.replicated(mesh),
                              use_ema=float(config.optimizer.ema_decay) > 0)
   step_fn = make_train_step_fn(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn,

@@ -23,12 +23,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from asff_jax import config as config_lib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
 from asff_jax.data import loader  # noqa: E402
-from asff_jax.models import create_model, losses  # noqa: E402
-from asff_jax.training import optim, sharding as shd  # noqa: E402
+from asff_jax.models import losses  # noqa: E402
+from asff_jax.training import sharding as shd  # noqa: E402
 from asff_jax.training.state import create_train_state  # noqa: E402
 from asff_jax.training.step import dropblock_for_step, train_step  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_time  # noqa: E402  (experiments/step_time.py: the shared setup)
 
 
 def measure(config_path: str, k: int = 10, rounds: int = 3) -> dict:
@@ -39,16 +44,8 @@ def measure(config_path: str, k: int = 10, rounds: int = 3) -> dict:
   ``max_param_diff`` (max |params A − params B| after the first k steps, same batches).
   """
   args = argparse.Namespace(config=config_path, k=k, rounds=rounds)
-  config = config_lib.load_config_file(args.config)
-  source = loader.train_source(config)
-  config = config_lib.resolve_config(config, **loader.dataset_info(source))
-  mesh = shd.make_mesh(jax.devices()[:1])
+  config, source, mesh, model, opt, shape = step_time.setup(args.config, devices=jax.devices()[:1])
   repl = shd.replicated(mesh)
-  size = int(config.dataset.input_size)
-  model = create_model(config)
-  shape = (1, size, size, 3)
-  params_shape = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
-  opt = optim.make_optimizer(config, params_shape)
   ema = float(config.optimizer.ema_decay)
 
   def fresh():
