@@ -9,6 +9,7 @@ what is checked.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -135,3 +136,35 @@ def test_fusion_maps_experiment_script(trained, tmp_path):
   assert "step 2" in r.stdout
   for p in val:
     assert (out / f"{p.stem}_fusion.png").stat().st_size > 0 and (out / f"{p.stem}.png").stat().st_size > 0
+
+
+def test_gradient_probe_experiment_script(trained, tmp_path):
+  """``experiments/gradient_probe.py`` (paper §3.3) as shipped, probing the tiny run's step 0 and checkpoint."""
+  tmp, env, workdir, _ = trained
+  out = tmp_path / "probe"
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "gradient_probe.py"), "--runs", str(workdir),
+                      "--num_images=8", f"--out={out}"], env=env, capture_output=True, text=True, timeout=600,
+                     cwd=REPO)
+  assert r.returncode == 0, r.stderr[-4000:]
+  with open(out / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(int(r["step"]), int(r["level"])) for r in rows] == [(s, n) for s in (0, 2) for n in range(3)]
+  for r in rows:
+    assert r["variant"] == "asff"
+    if int(r["num_positive"]) == 0:
+      continue
+    assert abs(sum(float(r[f"share_l{l}"]) for l in range(3)) - 1.0) < 1e-6
+    for k in ("cos_own_vs_others", "conflict_frac", "w_self"):
+      if int(r["num_images"]) > 1:  # an interval over images needs two of them
+        assert float(r[k + "_lo"]) <= float(r[k]) + 1e-9 and float(r[k]) <= float(r[k + "_hi"]) + 1e-9
+    assert 0.0 <= float(r["w_self"]) <= 1.0
+    assert float(r["w_self"]) == pytest.approx(float(r[f"w_pos_{r['level']}"]))
+    assert sum(float(r[f"w_bg_{k}"]) for k in range(3)) == pytest.approx(1.0, abs=1e-5)
+  assert any(int(r["num_positive"]) > 0 for r in rows)
+  assert (out / "results.md").read_text().startswith("# Gradient-consistency probe")
+  assert (out / "curves.png").stat().st_size > 0
+  # a step without a checkpoint is a one-line error, not a traceback
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "gradient_probe.py"), "--runs", str(workdir),
+                      "--steps=0,7", "--num_images=8", f"--out={out}"], env=env, capture_output=True, text=True,
+                     timeout=600, cwd=REPO)
+  assert r.returncode != 0 and "no checkpoint at step(s) [7]" in r.stderr and "Traceback" not in r.stderr

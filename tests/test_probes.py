@@ -10,7 +10,7 @@ import pytest
 
 from asff_jax.models.losses import default_loss_config, head_loss, loss_fn
 from asff_jax.models import create_model, default_model_config
-from asff_jax.tools.probes import SplitModel, decompose_gradients, summarize
+from asff_jax.tools.probes import SplitModel, cell_statistics, decompose_gradients, summarize
 
 S = 64
 
@@ -71,6 +71,18 @@ def test_contributions_add_up_to_full_gradient(fusion):
     if fusion == "asff":
       assert 0 < s["w_self"] < 1 and all(0 < w < 1 for w in s["w_to"])
       assert s["w_to"][n] == pytest.approx(s["w_self"])
+  # The per-cell statistics pool to summarize()'s numbers; ASFF weights sum to 1 on the background too.
+  cells = cell_statistics(jax.tree.map(np.asarray, res))
+  for n in range(3):
+    c = cells[n]
+    assert len(c["image"]) == stats[n]["num_positive"] and set(c["image"]) <= set(range(len(images)))
+    np.testing.assert_allclose(c["share"].mean(0), stats[n]["share"], rtol=1e-12)
+    assert float((c["cos"] < 0).mean()) == stats[n]["conflict_frac"]
+    if fusion == "asff":
+      np.testing.assert_allclose(c["w_pos"][:, n], c["w_self"], rtol=0)
+      np.testing.assert_allclose(c["w_bg_sum"].sum(-1), c["bg_count"], rtol=1e-5)
+      h, w = np.asarray(res["positive"][n]).shape[1:]
+      np.testing.assert_array_equal(c["bg_count"] + np.bincount(c["image"], minlength=len(images)), h * w)
     else:
       assert "w_self" not in s
 

@@ -120,6 +120,53 @@ def _corresponding(mask_hw_n, grid_l):
   return jj, ii
 
 
+def cell_statistics(result) -> dict:
+  """The statistics of :func:`summarize`, per cell and per image, for intervals over images.
+
+  Args:
+    result: output of :func:`decompose_gradients` (numpy or jax arrays).
+
+  Returns:
+    ``{n: dict}`` per level n with, over the P positive cells of level n:
+    ``'image'`` ``(P,)`` int (index in the batch), ``'share'`` ``(P, 3)``
+    (‖c^{n,l}‖ / Σ_l' ‖c^{n,l'}‖), ``'cos'`` ``(P,)`` (cos(c^{n,n}, Σ_{l≠n} c^{n,l})),
+    and for ASFF ``'w_self'`` ``(P,)``, ``'w_to'`` ``(P, 3)`` (as in
+    :func:`summarize`) and ``'w_pos'`` ``(P, 3)`` (level n's own α/β/γ at its
+    positives); plus, for ASFF, ``'w_bg_sum'`` ``(B, 3)`` and ``'bg_count'``
+    ``(B,)``: per image, the sum of level n's α/β/γ over its background cells
+    (no positive in any slot) and how many there are. The pooled means of
+    ``share``, ``cos``, ``cos < 0``, ``w_self`` and ``w_to`` are
+    :func:`summarize`'s numbers.
+  """
+  out = {}
+  contrib = [[np.asarray(c, np.float64) for c in row] for row in result["contrib"]]
+  fw = result["fusion_weights"]
+  fw = [np.asarray(w, np.float64) for w in fw] if fw is not None else None
+  for n in range(3):
+    pos = np.asarray(result["positive"][n])
+    b_idx, j_idx, i_idx = np.nonzero(pos)
+    vecs = [contrib[n][l][b_idx, j_idx, i_idx] for l in range(3)]  # (P, C) each
+    norms = np.stack([np.linalg.norm(v, axis=-1) for v in vecs], -1)  # (P, 3)
+    own = vecs[n]
+    others = sum(vecs[l] for l in range(3) if l != n)
+    cos = (own * others).sum(-1) / np.maximum(np.linalg.norm(own, axis=-1) * np.linalg.norm(others, axis=-1), 1e-30)
+    stats: dict[str, Any] = {"image": b_idx, "share": norms / np.maximum(norms.sum(-1, keepdims=True), 1e-30),
+                             "cos": cos}
+    if fw is not None:
+      stats["w_self"] = fw[n][b_idx, j_idx, i_idx, n]
+      stats["w_pos"] = fw[n][b_idx, j_idx, i_idx]
+      w_to = []
+      for l in range(3):
+        jj, ii = _corresponding(pos.shape[1:], fw[l].shape[1:3])
+        w_to.append(fw[l][b_idx, jj[j_idx], ii[i_idx], n])
+      stats["w_to"] = np.stack(w_to, -1).reshape(len(b_idx), 3)
+      bg = ~pos
+      stats["w_bg_sum"] = (fw[n] * bg[..., None]).sum((1, 2))
+      stats["bg_count"] = bg.sum((1, 2))
+    out[n] = stats
+  return out
+
+
 def summarize(result) -> dict:
   """Statistics at the positive cells of each level n (see the module docstring).
 
@@ -132,31 +179,16 @@ def summarize(result) -> dict:
     positives). ``w_*`` only for ASFF.
   """
   out = {}
-  contrib = [[np.asarray(c, np.float64) for c in row] for row in result["contrib"]]
-  fw = result["fusion_weights"]
-  fw = [np.asarray(w, np.float64) for w in fw] if fw is not None else None
-  for n in range(3):
-    pos = np.asarray(result["positive"][n])
-    b_idx, j_idx, i_idx = np.nonzero(pos)
-    stats: dict[str, Any] = {"num_positive": int(len(b_idx))}
-    if len(b_idx) == 0:
+  for n, c in cell_statistics(result).items():
+    stats: dict[str, Any] = {"num_positive": int(len(c["image"]))}
+    if len(c["image"]) == 0:
       stats.update(share=[float("nan")] * 3, cos_own_vs_others=float("nan"), conflict_frac=float("nan"))
       out[n] = stats
       continue
-    vecs = [contrib[n][l][b_idx, j_idx, i_idx] for l in range(3)]  # (P, C) each
-    norms = np.stack([np.linalg.norm(v, axis=-1) for v in vecs], -1)  # (P, 3)
-    share = norms / np.maximum(norms.sum(-1, keepdims=True), 1e-30)
-    own = vecs[n]
-    others = sum(vecs[l] for l in range(3) if l != n)
-    cos = (own * others).sum(-1) / np.maximum(np.linalg.norm(own, axis=-1) * np.linalg.norm(others, axis=-1), 1e-30)
-    stats.update(share=share.mean(0).tolist(), cos_own_vs_others=float(cos.mean()),
-                 conflict_frac=float((cos < 0).mean()))
-    if fw is not None:
-      stats["w_self"] = float(fw[n][b_idx, j_idx, i_idx, n].mean())
-      w_to = []
-      for l in range(3):
-        jj, ii = _corresponding(pos.shape[1:], fw[l].shape[1:3])
-        w_to.append(float(fw[l][b_idx, jj[j_idx], ii[i_idx], n].mean()))
-      stats["w_to"] = w_to
+    stats.update(share=c["share"].mean(0).tolist(), cos_own_vs_others=float(c["cos"].mean()),
+                 conflict_frac=float((c["cos"] < 0).mean()))
+    if "w_self" in c:
+      stats["w_self"] = float(c["w_self"].mean())
+      stats["w_to"] = c["w_to"].mean(0).tolist()
     out[n] = stats
   return out
