@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from asff_jax.models import conv_grad
 from asff_jax.models.layers import ConvBN, conv_init, scaled_channels, upsample_nearest
 
 FUSIONS = ("asff", "sum", "concat", "none")
@@ -144,7 +145,8 @@ class LevelFusion(nn.Module):
           for n, r in enumerate(resized)
       ]
       logits = nn.Conv(3, (1, 1), use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=conv_init, name="weight_levels")(jnp.concatenate(logits, -1))
+                       kernel_init=conv_init, conv_general_dilated=conv_grad.conv_general_dilated,
+                       name="weight_levels")(jnp.concatenate(logits, -1))
       w = asff_weights(logits)
       wc = w.astype(self.dtype)
       fused = resized[0] * wc[..., 0:1] + resized[1] * wc[..., 1:2] + resized[2] * wc[..., 2:3]

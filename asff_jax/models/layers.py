@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from asff_jax.models import conv_grad
+
 Dtype = Any
 
 # PyTorch's kaiming_normal_(a=0.1, mode='fan_in') for every nn.Conv2d (spec §7,
@@ -212,6 +214,7 @@ class ConvBN(nn.Module):
           dtype=self.dtype,
           param_dtype=jnp.float32,
           kernel_init=conv_init,
+          conv_general_dilated=conv_grad.conv_general_dilated,
           name="conv",
       )(x)
     x = BatchNorm(dtype=self.dtype, name="batch_norm")(x, train)

@@ -71,6 +71,7 @@ from asff_jax.data import pipeline  # noqa: E402
 from asff_jax.errors import ConfigError  # noqa: E402
 from asff_jax.models import create_model, losses, random_variables  # noqa: E402
 from asff_jax.models.config import STRIDES  # noqa: E402
+from asff_jax.models.conv_grad import conv_kernel_grad  # noqa: E402
 from asff_jax.models.dcn import deform_conv2d  # noqa: E402
 from asff_jax.tools import profiling  # noqa: E402
 from asff_jax.tools.profiling import median_time  # noqa: E402
@@ -402,11 +403,58 @@ def format_models(res: dict) -> str:
   return "\n".join(lines)
 
 
+def bench_train_ab(cases, *, repeats: int = 5, quick: bool = False, modes=("xla", "auto"), log=print) -> dict:
+  """Training step with the convs' kernel gradient by XLA (A) and per-tap matmuls (B), timed interleaved.
+
+  ``cases``: ``(label, size, batch, dtype, config or None)``; each is compiled once
+  per mode of ``modes`` (:func:`asff_jax.models.conv_grad.conv_kernel_grad`; the
+  default compares XLA's kernel gradient with this backend's default) and the
+  compiled steps are timed alternately, ``repeats`` times each (A B A B …), so a
+  drift of the machine's clock hits both alike. Per case: each mode's median
+  seconds, images/s and share of the in-run matmul peak, and ``ratio`` =
+  images/s of B over A (above 1: B is faster). The two steps' losses after one
+  step are compared too (the same arithmetic up to float32 rounding).
+  """
+  peak = matmul_peak(512 if quick else 2048, repeats=2 if quick else 5)
+  log(f"float32 matmul peak: {peak['gflops']:.1f} GFLOP/s (n={peak['n']})")
+  rows = []
+  for label, size, batch, dtype, config in cases:
+    built = {}
+    for mode in modes:
+      with conv_kernel_grad(mode):
+        built[mode] = bench_case("train", label, size, batch, dtype, repeats=1, quick=quick, config=config)
+    times = {m: [] for m in modes}
+    for _ in range(max(int(repeats), 1)):
+      for m in modes:
+        times[m].append(median_time(built[m]["_run"], 1))
+    row = {"what": "train_ab", "model": label, "size": size, "batch": batch, "dtype": dtype, "modes": list(modes),
+           "flops": built[modes[0]]["flops"]}
+    losses_after_one = {m: float(built[m]["_run"]()[2]) for m in modes}
+    for m in modes:
+      sec = float(np.median(times[m]))
+      row[m] = {"seconds": sec, "images_per_s": batch / sec, "compile_s": built[m]["compile_s"],
+                "ratio_to_peak": built[m]["flops"] / sec / 1e9 / peak["gflops"], "loss": losses_after_one[m]}
+    row["ratio"] = row[modes[1]]["images_per_s"] / row[modes[0]]["images_per_s"]
+    rows.append(row)
+    log(format_ab_row(row))
+  return {"matmul_peak": peak, "results": rows}
+
+
+def format_ab_row(r: dict) -> str:
+  """One line of :func:`bench_train_ab`."""
+  a, b = r["modes"]
+  return (f"train {r['model']:>9} {r['size']:>4} b{r['batch']:<2} {r['dtype']:>8}  kernel grad {a}: "
+          f"{r[a]['seconds'] * 1e3:8.1f} ms ({r[a]['images_per_s']:.2f} img/s, {100 * r[a]['ratio_to_peak']:.0f}% peak)"
+          f"  {b}: {r[b]['seconds'] * 1e3:8.1f} ms ({r[b]['images_per_s']:.2f} img/s, "
+          f"{100 * r[b]['ratio_to_peak']:.0f}% peak)  images/s ratio {r['ratio']:.2f}x  "
+          f"loss {r[a]['loss']:.6g} vs {r[b]['loss']:.6g}")
+
+
 def main(argv=None):
   """CLI entry point (absl flags): ``python -m asff_jax.benchmark --what ...``."""
 
   def define(fv, _argv):
-    flags.DEFINE_enum("what", "input", ["input", "model", "train", "all", "profile", "accelerator"],
+    flags.DEFINE_enum("what", "input", ["input", "model", "train", "all", "profile", "accelerator", "train_ab"],
                       "input pipeline, model forward, training step, all three, or op-level profiles "
                       "of the forward and training step (first size / batch / dtype)", flag_values=fv)
     flags.DEFINE_bool("quick", False, "tiny sizes, few batches (CI smoke mode)", flag_values=fv)
@@ -417,7 +465,7 @@ def main(argv=None):
     flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes", flag_values=fv)
     flags.DEFINE_integer("repeats", 3, "timed runs per case (median)", flag_values=fv)
     flags.DEFINE_string("out", None, "also write the results as JSON here", flag_values=fv)
-    flags.DEFINE_string("config", None, "with --what profile: profile this config file's model at its "
+    flags.DEFINE_string("config", None, "with --what profile / train_ab: this config file's model at its "
                         "own input size (forward at batch 1, training step at its batch_size)", flag_values=fv)
 
   def run(f):
@@ -451,6 +499,17 @@ def main(argv=None):
         cases += [("train", m, size, int(f.batches[0]), dtype) for m in f.models]
       res["profile"] = profile_cases(cases, runs=1 if f.quick else f.repeats, quick=f.quick,
                                      config=config)
+    if f.what == "train_ab":
+      if f.config:
+        config = config_lib.load_config_file(f.config)
+        label = f.config.rsplit("/", 1)[-1].removesuffix(".py")
+        cases = [(label, int(config.dataset.input_size), int(config.batch_size), config.model.dtype, config)]
+      elif f.quick:
+        cases = [("asff", 64, 1, "float32", None)]
+      else:
+        cases = [(m, int(sz), int(b), d, None) for m in f.models for sz in f.sizes for b in f.batches
+                 for d in f.dtypes]
+      res["train_ab"] = bench_train_ab(cases, repeats=2 if f.quick else max(f.repeats, 5), quick=f.quick)
     if f.what == "accelerator":
       res["accelerator"] = bench_accelerator(quick=f.quick, batches=[int(b) for b in f.batches]
                                              if f.batches != ["1", "8"] else (16, 32, 64))
