@@ -48,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from asff_jax.models import conv_grad
+from asff_jax.models.conv_grad import conv_general_dilated as tap_grad_conv
 from asff_jax.models.layers import ConvBN, conv_init, scaled_channels, upsample_nearest
 
 FUSIONS = ("asff", "sum", "concat", "none")
@@ -145,7 +145,7 @@ class LevelFusion(nn.Module):
           for n, r in enumerate(resized)
       ]
       logits = nn.Conv(3, (1, 1), use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=conv_init, conv_general_dilated=conv_grad.conv_general_dilated,
+                       kernel_init=conv_init, conv_general_dilated=tap_grad_conv,
                        name="weight_levels")(jnp.concatenate(logits, -1))
       w = asff_weights(logits)
       wc = w.astype(self.dtype)

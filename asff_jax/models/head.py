@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asff_jax.models import conv_grad
+from asff_jax.models.conv_grad import conv_general_dilated as tap_grad_conv
 from asff_jax.models.dcn import DeformConv
 from asff_jax.models.layers import RFBBlock, conv_init
 
@@ -94,7 +94,7 @@ class GuidedAnchorHead(nn.Module):
   def __call__(self, x):
     guide_wh = nn.Conv(2 * NUM_SLOTS, (1, 1), use_bias=True, dtype=self.dtype,
                        param_dtype=jnp.float32, kernel_init=conv_init,
-                       conv_general_dilated=conv_grad.conv_general_dilated, name="guide_wh")(x)
+                       conv_general_dilated=tap_grad_conv, name="guide_wh")(x)
     guide_wh = guide_wh.astype(jnp.float32)
     if self.adaption:
       out = FeatureAdaption(rfb=self.rfb, dtype=self.dtype, dcn_formulation=self.dcn_formulation,
@@ -103,7 +103,7 @@ class GuidedAnchorHead(nn.Module):
       out = {"adapted": x}
     raw = nn.Conv(NUM_SLOTS * (5 + self.num_classes), (1, 1), use_bias=True, dtype=self.dtype,
                   param_dtype=jnp.float32, kernel_init=conv_init,
-                  conv_general_dilated=conv_grad.conv_general_dilated, name="conv")(out["adapted"])
+                  conv_general_dilated=tap_grad_conv, name="conv")(out["adapted"])
     out["raw"] = raw.astype(jnp.float32)
     out["guide_wh"] = guide_wh
     return out

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from asff_jax.models import conv_grad
+from asff_jax.models.conv_grad import conv_general_dilated as tap_grad_conv
 
 Dtype = Any
 
@@ -214,7 +214,7 @@ class ConvBN(nn.Module):
           dtype=self.dtype,
           param_dtype=jnp.float32,
           kernel_init=conv_init,
-          conv_general_dilated=conv_grad.conv_general_dilated,
+          conv_general_dilated=tap_grad_conv,
           name="conv",
       )(x)
     x = BatchNorm(dtype=self.dtype, name="batch_norm")(x, train)
