@@ -66,12 +66,12 @@ def test_modes_and_fallbacks():
     assert "custom_vjp" in str(jax.make_jaxpr(f())(w))
   with conv_grad.conv_kernel_grad("xla"):
     assert "custom_vjp" not in str(jax.make_jaxpr(f())(w))
-  # 'auto': 1x1 convs and wide, large 3x3 convs on CPU; small 3x3 convs keep XLA's kernel gradient
+  # 'auto': wide convs over many positions on CPU; small ones keep XLA's kernel gradient
   g = lambda x_: lambda r: conv_grad.conv_general_dilated(x_, r, (1, 1), "SAME", dimension_numbers=DN).sum()
   cpu = jax.default_backend() == "cpu"
   with conv_grad.conv_kernel_grad("auto"):
     assert "custom_vjp" not in str(jax.make_jaxpr(f())(w))
-    assert ("custom_vjp" in str(jax.make_jaxpr(g(x))(jnp.ones((1, 1, 4, 4))))) == cpu
+    assert "custom_vjp" not in str(jax.make_jaxpr(g(x))(jnp.ones((1, 1, 4, 4))))
     big = jax.ShapeDtypeStruct((1, 100, 100, 64), jnp.float32)
     assert ("custom_vjp" in str(jax.make_jaxpr(g(big))(jax.ShapeDtypeStruct((3, 3, 64, 8), jnp.float32)))) == cpu
     small = jax.ShapeDtypeStruct((1, 10, 10, 64), jnp.float32)

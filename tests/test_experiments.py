@@ -122,3 +122,11 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "| asff − sum | AP50 | 0: +0.100, 1: +0.090, 2: +0.100 | +0.097 |" in md
   assert "asff is better than sum" in md and "| asff | 3 | 0.410 ± 0.008 |" in md
+
+
+@pytest.mark.parametrize("what", ["kernel", "input"])
+def test_conv_grad_micro_script(what, capsys):
+  """``experiments/conv_grad_micro.py`` at a tiny size: both formulations agree (it exits 1 otherwise)."""
+  assert _script("conv_grad_micro").main(["--what", what, "--batch", "1", "--shrink", "16"]) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if "max rel diff" in l]
+  assert len(lines) == (9 if what == "kernel" else 6)

@@ -18,9 +18,9 @@ Which implementation a traced conv uses is chosen at trace time by
 :func:`conv_kernel_grad` (a context manager, like
 :func:`~asff_jax.models.layers.frozen_batch_norm`): ``'auto'`` (default) uses
 the per-tap matmuls on the CPU backend for the conv shapes where they were
-measured faster (every 1×1 conv; k×k convs with ≥ 64 input channels over
-≥ 10,000 output positions) and XLA's own kernel gradient elsewhere and on
-GPU/TPU (not measured there); ``'taps'`` and ``'xla'`` force one for every
+measured faster (≥ 64 input channels over ≥ 10,000 output positions
+B·H_out·W_out) and XLA's own kernel gradient elsewhere and on GPU/TPU (not
+measured there); ``'taps'`` and ``'xla'`` force one for every
 eligible conv. The mode is read when the function is traced: set it around the
 code that traces (JAX caches traces per function, so a jitted function keeps
 the mode of its first trace). ``nn.Conv`` takes the
@@ -62,9 +62,10 @@ def conv_kernel_grad(mode: str):
 
 
 # 'auto' on CPU: where the per-tap matmuls beat XLA:CPU's kernel gradient (measured per conv shape of the
-# full-size Darknet at 416, batch 4; experiments/benchmarks.md): every 1x1 conv, and k x k convs with at
-# least TAPS_MIN_CHANNELS input channels over at least TAPS_MIN_ROWS output positions (B * H_out * W_out).
-# Below that (the 3->32 stem, 32->64 at 208 px, the 13 and 26 px convs) XLA's own is as fast or faster.
+# full-size Darknet at 416, batch 4; experiments/benchmarks.md): convs with at least TAPS_MIN_CHANNELS
+# input channels over at least TAPS_MIN_ROWS output positions (B * H_out * W_out). Below that (the 3->32
+# stem, 32->64 at 208 px, the 13 and 26 px convs) XLA's own is as fast or faster, and the reduced-width
+# models of the digits configs (no gain measured: benchmarks.md) keep XLA's arithmetic exactly.
 TAPS_MIN_CHANNELS = 64
 TAPS_MIN_ROWS = 10_000
 
@@ -75,9 +76,9 @@ def _use_taps(x_shape, w_shape, strides) -> bool:
     return mode == "taps"
   if jax.default_backend() != "cpu":
     return False
-  k_h, k_w, c_in, _ = w_shape
+  c_in = w_shape[2]
   rows = x_shape[0] * -(-x_shape[1] // strides[0]) * -(-x_shape[2] // strides[1])
-  return (k_h, k_w) == (1, 1) or (c_in >= TAPS_MIN_CHANNELS and rows >= TAPS_MIN_ROWS)
+  return c_in >= TAPS_MIN_CHANNELS and rows >= TAPS_MIN_ROWS
 
 
 def _conv(x, w, strides, padding, precision):
