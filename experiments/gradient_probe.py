@@ -29,7 +29,10 @@ cell — the factors of Eq. 6), and level n's three weights at its positives
 over the cells of all probe images, with a 95 % percentile-bootstrap interval
 over images (``scipy.stats.bootstrap``, 2,000 resamples of the images).
 
-Writes to ``--out``: ``results.csv`` (every statistic with ``_lo``/``_hi``),
+``--merge CSV ...`` adds the rows of earlier ``results.csv`` files (runs probed
+again here replace theirs), so runs probed at different times — a run still
+training, say — end up in one table and plot; without ``--runs`` it only
+re-draws them. Writes to ``--out``: ``results.csv`` (every statistic with ``_lo``/``_hi``),
 ``results.md`` (command, time, the main columns) and ``curves.png`` (the
 quantities against training step, intervals shaded). What the paper predicts
 for each and what was measured: ``experiments/README.md``.
@@ -125,8 +128,8 @@ def level_rows(run: str, variant: str, step: int, cells: dict, num_images: int, 
     c = cells[n]
     img = c["image"]
     count = np.bincount(img, minlength=num_images).astype(np.float64)
-    row = {"run": run, "variant": variant, "step": step, "level": n, "num_positive": int(len(img)),
-           "num_images": int((count > 0).sum())}
+    row = {"run": run, "variant": variant, "step": step, "level": n, "probe_images": num_images,
+           "num_positive": int(len(img)), "images_with_positives": int((count > 0).sum())}
 
     def add(name, per_cell, counts=count, sums=None):
       if sums is None:
@@ -235,7 +238,8 @@ def write_outputs(out: str, rows: list[dict], command: str, seconds: float, num_
   panels = [("own-level share ‖c^{n,n}‖ / Σ_l ‖c^{n,l}‖", lambda n: f"share_l{n}"),
             ("cos(own, others)", lambda n: "cos_own_vs_others"),
             ("conflict fraction (cos < 0)", lambda n: "conflict_frac"),
-            ("ASFF: own weight at positives (—) / background (- -)", None)]
+            ("ASFF: own weight at positives (—) / background (- -)", None),
+            ("ASFF, Eq. 6: weight level l gives x^{n→l} at n's positives (l = n+1: —, n+2: - -)", "w_to")]
   fig, axes = plt.subplots(len(panels), 3, figsize=(14, 3.0 * len(panels)), sharex=True, squeeze=False)
   for n in range(3):
     for p, (title, key) in enumerate(panels):
@@ -243,7 +247,12 @@ def write_outputs(out: str, rows: list[dict], command: str, seconds: float, num_
       for i, (run, variant) in enumerate(runs):
         rr = sorted((r for r in rows if r["run"] == run and r["level"] == n), key=lambda r: r["step"])
         x = [r["step"] for r in rr]
-        series = [(key(n), "-")] if key else ([(f"w_pos_{n}", "-"), (f"w_bg_{n}", "--")] if variant == "asff" else [])
+        if key == "w_to":  # the two other levels, in the order n+1, n+2 (mod 3)
+          series = [(f"w_to_l{(n + d) % 3}", style) for d, style in ((1, "-"), (2, "--"))] if variant == "asff" else []
+        elif key:
+          series = [(key(n), "-")]
+        else:
+          series = [(f"w_pos_{n}", "-"), (f"w_bg_{n}", "--")] if variant == "asff" else []
         for k, style in series:
           if k not in rr[0]:
             continue
@@ -262,12 +271,22 @@ def write_outputs(out: str, rows: list[dict], command: str, seconds: float, num_
   plt.close(fig)
 
 
+def read_rows(path: str) -> list[dict]:
+  """Rows of an earlier ``results.csv`` (numbers back to int / float; empty cells left out, as written)."""
+  ints = ("step", "level", "probe_images", "num_positive", "images_with_positives")
+  with open(path) as f:
+    return [{k: (v if k in ("run", "variant") else int(v) if k in ints else float(v))
+             for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--runs", nargs="*", default=None, help="workdirs of runs to probe")
   p.add_argument("--steps", default="", help="comma-separated steps to probe (default: 0 and every checkpoint)")
   p.add_argument("--num_images", type=int, default=64)
   p.add_argument("--chunk", type=int, default=0, help="images per probe call (default: the run's batch size)")
+  p.add_argument("--merge", nargs="*", default=[], help="earlier results.csv files whose rows join these "
+                 "(the same probe images: same --num_images and dataset)")
   p.add_argument("--train", action="store_true", help="train one short run per --variants first")
   p.add_argument("--config", default=os.path.join(REPO, "configs", "default.py"))
   p.add_argument("--variants", default="sum,asff")
@@ -285,9 +304,18 @@ def main(argv=None) -> int:
       workdir = os.path.join(args.workdir_root, variant)
       train.train_and_evaluate(variant_config(args.config, variant, args.train_steps, args.probe_every), workdir)
       runs.append(workdir)
-  if not runs:
-    raise SystemExit("gradient_probe: give --runs DIR [DIR ...] or --train")
+  merged = [r for path in args.merge for r in read_rows(path)]
+  if not runs and not merged:
+    raise SystemExit("gradient_probe: give --runs DIR [DIR ...], --train or --merge CSV")
   steps = [int(s) for s in args.steps.split(",") if s.strip()] or None
+  if any(r["probe_images"] != args.num_images for r in merged):
+    raise SystemExit(f"gradient_probe: a --merge file was probed on another number of images than "
+                     f"--num_images {args.num_images}: its rows would not be comparable")
+  rows = []
+  if not runs:
+    write_outputs(args.out, merged, command, time.time() - t0, args.num_images)
+    print(f"wrote {args.out}/results.csv, results.md, curves.png")
+    return 0
   first = config_lib.load_workdir_config(runs[0])
   images, labels = probe_images(first, args.num_images)
   for workdir in runs[1:]:
@@ -295,9 +323,10 @@ def main(argv=None) -> int:
     if dataset_key(c) != dataset_key(first):
       raise SystemExit(f"gradient_probe: {workdir} trains on {dataset_key(c)}, {runs[0]} on {dataset_key(first)}; "
                        "probe runs of one dataset and input size together")
-  rows = []
   for workdir in runs:
     rows += probe_run(workdir, steps, images, labels, chunk=args.chunk)
+  probed = {r["run"] for r in rows}
+  rows = [r for r in merged if r["run"] not in probed] + rows
   write_outputs(args.out, rows, command, time.time() - t0, len(images))
   print(f"wrote {args.out}/results.csv, results.md, curves.png ({(time.time() - t0) / 60:.1f} min)")
   return 0

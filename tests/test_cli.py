@@ -155,14 +155,21 @@ def test_gradient_probe_experiment_script(trained, tmp_path):
       continue
     assert abs(sum(float(r[f"share_l{l}"]) for l in range(3)) - 1.0) < 1e-6
     for k in ("cos_own_vs_others", "conflict_frac", "w_self"):
-      if int(r["num_images"]) > 1:  # an interval over images needs two of them
+      if int(r["images_with_positives"]) > 1:  # an interval over images needs two of them
         assert float(r[k + "_lo"]) <= float(r[k]) + 1e-9 and float(r[k]) <= float(r[k + "_hi"]) + 1e-9
     assert 0.0 <= float(r["w_self"]) <= 1.0
     assert float(r["w_self"]) == pytest.approx(float(r[f"w_pos_{r['level']}"]))
     assert sum(float(r[f"w_bg_{k}"]) for k in range(3)) == pytest.approx(1.0, abs=1e-5)
   assert any(int(r["num_positive"]) > 0 for r in rows)
   assert (out / "results.md").read_text().startswith("# Gradient-consistency probe")
-  assert (out / "curves.png").stat().st_size > 0
+  assert (out / "curves.png").stat().st_size > 0 and all(int(r["probe_images"]) == 8 for r in rows)
+  # --merge: the rows of an earlier file re-drawn (no --runs) give the same table
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "gradient_probe.py"), "--merge",
+                      str(out / "results.csv"), "--num_images=8", f"--out={tmp_path / 'merged'}"], env=env,
+                     capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-4000:]
+  with open(tmp_path / "merged" / "results.csv") as f:
+    assert list(csv.DictReader(f)) == rows
   # a step without a checkpoint is a one-line error, not a traceback
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "gradient_probe.py"), "--runs", str(workdir),
                       "--steps=0,7", "--num_images=8", f"--out={out}"], env=env, capture_output=True, text=True,
