@@ -26,10 +26,10 @@ per seed (same seed = same initialisation and batch order) with its mean and a
 95 % t-interval over seeds, and a plain verdict: "ASFF is better" only where
 the interval excludes 0.
 
-On this machine one ``configs/default.py`` run takes about 18 minutes, so the
-default 4 fusions × 2 seeds take about 2.5 hours; the checked-in results
-(``experiments/fusion_ablation/``, ``experiments/README.md``) used ``--steps 500``
-and took 1.5 hours.
+On this machine one ``configs/default.py`` run takes 19–23 minutes, so the
+default 4 fusions × 3 seeds take about 4.5 hours; the checked-in results
+(``experiments/fusion_ablation/``, ``experiments/README.md``) are the superseded
+2026-11-24/25 table (``--seeds 0,1 --steps 500``, an older recipe, 1.5 hours).
 """
 
 from __future__ import annotations
