@@ -119,3 +119,17 @@ def test_official_figures_are_the_side_by_side_ones():
   assert own == benchmark.ASFF_JAX_SECONDS_IN_OFFICIAL_RUN
   peak = re.search(r"\*\*jax (\d+)\*\*", text)
   assert peak and float(peak.group(1)) == benchmark.OFFICIAL_RUN_JAX_PEAK_GFLOPS
+
+
+@pytest.mark.slow  # two compilations of the step, ~40-70 s on 2 cores: on demand, like the benchmark itself
+def test_train_ab_quick(tmp_path):
+  """``--what train_ab --quick``: both kernel-gradient modes compiled and timed, the same loss after one step."""
+  out = tmp_path / "ab.json"
+  assert benchmark.main(["--what", "train_ab", "--quick", "--out", str(out)]) == 0
+  res = json.loads(out.read_text())["train_ab"]
+  (row,) = res["results"]
+  assert row["modes"] == ["xla", "taps"] and res["matmul_peak"]["gflops"] > 0
+  for m in row["modes"]:
+    assert row[m]["seconds"] > 0 and row[m]["images_per_s"] == pytest.approx(row["batch"] / row[m]["seconds"])
+  assert row["ratio"] == pytest.approx(row["taps"]["images_per_s"] / row["xla"]["images_per_s"])
+  assert row["xla"]["loss"] == pytest.approx(row["taps"]["loss"], rel=1e-5)

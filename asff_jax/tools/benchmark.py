@@ -1,4 +1,4 @@
-"""Benchmarks, run on demand: ``python -m asff_jax.benchmark [--what input|model|train|all] [--quick] [--out F.json]``.
+"""Benchmarks, run on demand: ``python -m asff_jax.benchmark [--what input|model|train|train_ab|all] [--quick] [--out F.json]``.
 
 ``--what input``: the training input pipeline (spec §7-§8):
 JPEG decode of both mixup images, mixup, the full official TrainTransform at
@@ -43,6 +43,15 @@ and pass (forward / backward), and per kind of op (conv, dot, gather, scatter,
 reduce, copy, elementwise). E.g. ``--what profile --models asff --sizes 416
 --batches 4 --dtypes float32``; ``--what profile --config configs/default.py``
 profiles that config's model at its own input size and batch.
+
+``--what train_ab`` (issue 18): the training step compiled twice — the convs'
+kernel gradient by XLA (A) and by this backend's default
+(:mod:`asff_jax.models.conv_grad`, per-tap matmuls on CPU for wide convs) (B) —
+and timed alternately (A B A B …, ``max(repeats, 5)`` each): per mode the median
+time, images/s and share of the in-run matmul peak, the images/s ratio B/A and
+both losses after one step (``--quick``: B = per-tap for every eligible conv). For ``--models``/``--sizes``/``--batches``/``--dtypes``,
+or with ``--config configs/X.py`` that config's model at its own input size and
+batch (random weights and boxes, SGD update as in ``--what train``).
 
 Defaults run the whole grid (models none/asff/asff_star × sizes 320/416/608 ×
 batches 1/8 × float32/bfloat16), which takes a long time on a CPU; select
@@ -509,7 +518,9 @@ def main(argv=None):
       else:
         cases = [(m, int(sz), int(b), d, None) for m in f.models for sz in f.sizes for b in f.batches
                  for d in f.dtypes]
-      res["train_ab"] = bench_train_ab(cases, repeats=2 if f.quick else max(f.repeats, 5), quick=f.quick)
+      # quick: 'taps' (every eligible conv), since at the quick sizes 'auto' would pick none
+      res["train_ab"] = bench_train_ab(cases, repeats=2 if f.quick else max(f.repeats, 5), quick=f.quick,
+                                       modes=("xla", "taps") if f.quick else ("xla", "auto"))
     if f.what == "accelerator":
       res["accelerator"] = bench_accelerator(quick=f.quick, batches=[int(b) for b in f.batches]
                                              if f.batches != ["1", "8"] else (16, 32, 64))
