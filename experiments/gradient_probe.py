@@ -235,11 +235,11 @@ def write_outputs(out: str, rows: list[dict], command: str, seconds: float, num_
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   runs = list(dict.fromkeys((r["run"], r["variant"]) for r in rows))
-  panels = [("own-level share ‖c^{n,n}‖ / Σ_l ‖c^{n,l}‖", lambda n: f"share_l{n}"),
+  panels = [("own share ‖c^{n,n}‖ / Σ_l ‖c^{n,l}‖", lambda n: f"share_l{n}"),
             ("cos(own, others)", lambda n: "cos_own_vs_others"),
             ("conflict fraction (cos < 0)", lambda n: "conflict_frac"),
-            ("ASFF: own weight at positives (—) / background (- -)", None),
-            ("ASFF, Eq. 6: weight level l gives x^{n→l} at n's positives (l = n+1: —, n+2: - -)", "w_to")]
+            ("ASFF: own weight, positives — / background - -", None),
+            ("Eq. 6: x^{n→l} weight, l=n+1 —, n+2 - -", "w_to")]
   fig, axes = plt.subplots(len(panels), 3, figsize=(14, 3.0 * len(panels)), sharex=True, squeeze=False)
   for n in range(3):
     for p, (title, key) in enumerate(panels):
@@ -263,7 +263,7 @@ def write_outputs(out: str, rows: list[dict], command: str, seconds: float, num_
         ax.axhline(0.0, color="grey", lw=0.5)
       if p == 2:
         ax.axhline(0.5, color="grey", lw=0.5)
-      ax.set_title(f"{LEVEL_NAMES[n]}: {title}", fontsize=9)
+      ax.set_title(f"{LEVEL_NAMES[n]}: {title}", fontsize=8)
     axes[-1, n].set_xlabel("training step")
   axes[0, 0].legend(fontsize=8)
   fig.tight_layout()
