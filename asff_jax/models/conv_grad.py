@@ -76,6 +76,8 @@ def _use_taps(x_shape, w_shape, strides) -> bool:
     return mode == "taps"
   if jax.default_backend() != "cpu":
     return False
+  if not all(isinstance(d, int) for d in (*x_shape, *w_shape)):  # symbolic shapes (jax.export): XLA's
+    return False
   c_in = w_shape[2]
   rows = x_shape[0] * -(-x_shape[1] // strides[0]) * -(-x_shape[2] // strides[1])
   return c_in >= TAPS_MIN_CHANNELS and rows >= TAPS_MIN_ROWS
