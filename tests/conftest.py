@@ -61,3 +61,14 @@ def write_tiny_digits_config(tmp_path, *, num_train: int, num_val: int, **settin
   path = Path(tmp_path) / "tiny_digits.py"
   path.write_text("\n".join(lines) + "\n")
   return path
+
+
+def experiment_script(name: str):
+  """``experiments/<name>.py`` imported as a module (the scripts are not a package)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod

@@ -10,7 +10,6 @@ what is checked.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import experiment_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -166,9 +167,7 @@ def test_gradient_probe_experiment_script(trained, tmp_path):
   assert (out / "curves.png").stat().st_size > 0 and all(int(r["probe_images"]) == 8 for r in rows)
   # in-process (no second interpreter): --merge re-draws the rows of an earlier file unchanged, and a
   # step without a checkpoint is a one-line SystemExit message
-  spec = importlib.util.spec_from_file_location("gradient_probe", REPO / "experiments" / "gradient_probe.py")
-  gp = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(gp)
+  gp = experiment_script("gradient_probe")
   assert gp.main(["--merge", str(out / "results.csv"), "--num_images=8", f"--out={tmp_path / 'merged'}"]) == 0
   with open(tmp_path / "merged" / "results.csv") as f:
     assert list(csv.DictReader(f)) == rows

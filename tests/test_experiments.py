@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import write_tiny_digits_config
+from tests.conftest import experiment_script, write_tiny_digits_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 @pytest.mark.slow  # ~2 min on 2 cores: kept out of CI (pytest -m slow); the --runs mode runs in CI (test_cli)
 def test_gradient_probe_script_trains_then_probes(tmp_path):
-  gp = _script("gradient_probe")
+  gp = experiment_script("gradient_probe")
   out = tmp_path / "out"
   assert gp.main(["--train", "--config", str(REPO / "configs" / "tiny.py"), "--variants", "sum,asff",
                   "--train_steps", "2", "--probe_every", "2", "--num_images", "8",
@@ -48,7 +40,7 @@ def test_gradient_probe_script_trains_then_probes(tmp_path):
 
 @pytest.mark.slow  # trains 2 tiny models on a tiny digits set (~2 min): kept out of CI
 def test_fusion_ablation_script(tmp_path):
-  fa = _script("fusion_ablation")
+  fa = experiment_script("fusion_ablation")
   cfg = write_tiny_digits_config(tmp_path, num_train=32, num_val=8, num_train_steps=2)
   out = tmp_path / "out"
   args = ["--config", str(cfg), "--fusions", "none,asff", "--seeds", "0", "--time_repeats", "2",
@@ -70,7 +62,7 @@ def test_fusion_ablation_script(tmp_path):
 
 def test_coco_scale_script_tiny(tmp_path):
   """experiments/coco_scale.py at 40 images: COCO's category ids, a prepared split that opens again."""
-  cs = _script("coco_scale")
+  cs = experiment_script("coco_scale")
   assert cs.main(["--out", str(tmp_path), "--num_images", "40"]) == 0
   import json  # pylint: disable=import-outside-toplevel  (test only)
   result = json.loads((tmp_path / "coco_scale.json").read_text())
@@ -88,7 +80,7 @@ def test_coco_scale_script_tiny(tmp_path):
 @pytest.mark.slow  # two compiles of the tiny model (~1 min): kept out of CI
 def test_steps_per_dispatch_scan_equals_loop(tmp_path):
   """The scanned variant the probe times runs the same steps: params equal the dispatch loop's."""
-  spd = _script("steps_per_dispatch")
+  spd = experiment_script("steps_per_dispatch")
   cfg = write_tiny_digits_config(tmp_path, num_train=16, num_val=4, num_train_steps=20)
   r = spd.measure(str(cfg), k=2, rounds=1)
   assert r["one_s"] > 0 and r["scan_s"] > 0
@@ -97,7 +89,7 @@ def test_steps_per_dispatch_scan_equals_loop(tmp_path):
 
 def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   """Table 3's analysis: paired per-seed differences, t-intervals, verdicts; per-run CSVs re-read."""
-  fa = _script("fusion_ablation")
+  fa = experiment_script("fusion_ablation")
   ap50 = {("asff", 0): 0.40, ("asff", 1): 0.42, ("asff", 2): 0.41,
           ("sum", 0): 0.30, ("sum", 1): 0.33, ("sum", 2): 0.31,
           ("none", 0): 0.41, ("none", 1): 0.40, ("none", 2): 0.43}
@@ -127,6 +119,6 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
 @pytest.mark.parametrize("what", ["kernel", "input"])
 def test_conv_grad_micro_script(what, capsys):
   """``experiments/conv_grad_micro.py`` at a tiny size: both formulations agree (it exits 1 otherwise)."""
-  assert _script("conv_grad_micro").main(["--what", what, "--batch", "1", "--shrink", "16"]) == 0
+  assert experiment_script("conv_grad_micro").main(["--what", what, "--batch", "1", "--shrink", "16"]) == 0
   lines = [l for l in capsys.readouterr().out.splitlines() if "max rel diff" in l]
   assert len(lines) == (9 if what == "kernel" else 6)

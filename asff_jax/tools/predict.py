@@ -162,7 +162,7 @@ def plot_fusion_maps(image: np.ndarray, maps: dict, path) -> None:
     axes[l, 0].set_title(f"fused level {l + 1} (stride {32 >> l})", fontsize=9)
     fused = np.asarray(maps["fused_sum"][l], np.float32)
     # colour range from the 1st-99th percentiles: a few extreme cells (trained digits models show
-    # them along the bottom edge) would otherwise flatten the rest of the map to one colour
+    # them in the bottom-left cells) would otherwise flatten the rest of the map to one colour
     lo, hi = np.percentile(fused, [1.0, 99.0])
     axes[l, 1].imshow(fused, cmap="magma", extent=extent, interpolation="nearest", vmin=lo, vmax=max(hi, lo + 1e-6))
     axes[l, 1].set_title("fused feature map (channel sum, 1-99 % range)", fontsize=9)
