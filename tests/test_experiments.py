@@ -48,7 +48,7 @@ def test_fusion_ablation_script(tmp_path):
   assert fa.main(args) == 0
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [(r["fusion"], r["seed"]) for r in rows] == [("none", "0"), ("asff", "0")]
+  assert [(r["variant"], r["seed"]) for r in rows] == [("none", "0"), ("asff", "0")]
   assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in ("AP50", "AP50_agnostic"))
   md = (out / "results.md").read_text()
   assert "| none | 1 |" in md and "| asff | 1 |" in md
@@ -93,7 +93,7 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   ap50 = {("asff", 0): 0.40, ("asff", 1): 0.42, ("asff", 2): 0.41,
           ("sum", 0): 0.30, ("sum", 1): 0.33, ("sum", 2): 0.31,
           ("none", 0): 0.41, ("none", 1): 0.40, ("none", 2): 0.43}
-  rows = [{"fusion": f, "seed": s, "steps": 100, **{k: v for k in fa.METRICS}, "train_s": 1.0}
+  rows = [{"variant": f, "seed": s, "steps": 100, **{k: v for k in fa.METRICS}, "train_s": 1.0}
           for (f, s), v in ap50.items()]
   d = fa.paired_difference(rows, "asff", "sum", "AP50")
   assert d["seeds"] == [0, 1, 2]
@@ -107,13 +107,48 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   assert fa.verdict(fa.paired_difference(rows, "sum", "asff", "AP50"), "sum", "asff") == "sum is worse than asff"
   assert fa.paired_difference(rows, "asff", "concat", "AP50") is None
   # per-run CSVs: written atomically, read back only for the same number of steps
-  fa.write_run(str(tmp_path), rows[0])
-  assert fa.read_run(str(tmp_path), "asff", 0, 100) == rows[0]
-  assert fa.read_run(str(tmp_path), "asff", 0, 200) is None and fa.read_run(str(tmp_path), "sum", 0, 100) is None
+  fa.write_run(str(tmp_path), "asff_s0", rows[0])
+  assert fa.read_run(str(tmp_path), "asff_s0", 100) == rows[0]
+  assert fa.read_run(str(tmp_path), "asff_s0", 200) is None and fa.read_run(str(tmp_path), "sum_s0", 100) is None
+  # a CSV of the script before --vary (value in a 'fusion' column) reads the same
+  old = tmp_path / "runs" / "sum_s1.csv"
+  old.write_text("fusion,seed,steps," + ",".join(fa.METRICS) + ",train_s\n"
+                 "sum,1,100," + ",".join(["0.33"] * len(fa.METRICS)) + ",5.0\n")
+  assert fa.read_run(str(tmp_path), "sum_s1", 100) == {**rows[4], "train_s": 5.0}
   fa.write_outputs(str(tmp_path), rows, {"none": 1.0, "sum": 1.01, "asff": 1.04}, "cmd", 10.0)
   md = (tmp_path / "results.md").read_text()
   assert "| asff − sum | AP50 | 0: +0.100, 1: +0.090, 2: +0.100 | +0.097 |" in md
   assert "asff is better than sum" in md and "| asff | 3 | 0.410 ± 0.008 |" in md
+
+
+def test_fusion_ablation_vary_any_key(tmp_path):
+  """``--vary KEY=...`` (Table 2): values parsed as literals, run names, config set, pairs against the first."""
+  fa = experiment_script("fusion_ablation")
+  assert [fa.parse_value(v) for v in ("None", "0.2", "0", "asff", "none")] == [None, 0.2, 0, "asff", "none"]
+  assert fa.run_name("model.fusion", "asff", 2) == "asff_s2"
+  assert fa.run_name("loss.adjacent_ignore_eps", 0.2, 1) == "adjacent_ignore_eps=0.2_s1"
+  c = fa.run_config(str(REPO / "configs" / "tiny.py"), "loss.adjacent_ignore_eps", 0.5, 3, steps=7)
+  assert c.loss.adjacent_ignore_eps == 0.5 and c.seed == 3 and c.num_train_steps == 7
+  assert c.eval_every_steps == 0 and c.eval_at_end
+  assert fa.run_config(str(REPO / "configs" / "tiny.py"), "loss.adjacent_ignore_eps", None, 0).loss.adjacent_ignore_eps is None
+  with pytest.raises(TypeError):
+    fa.run_config(str(REPO / "configs" / "tiny.py"), "loss.adjacent_ignore_eps", "wide", 0)
+  assert fa.default_pairs("loss.adjacent_ignore_eps", ["None", "0.2", "0.5"]) == [("0.2", "None"), ("0.5", "None")]
+  assert fa.default_pairs("model.fusion", ["none", "sum", "asff"]) == [("asff", "sum"), ("asff", "none")]
+  assert fa.parse_pairs("0.2-None, 0.5-None") == [("0.2", "None"), ("0.5", "None")]
+  rows = [{"variant": v, "seed": s, "steps": 10, **{k: ap for k in fa.METRICS}, "train_s": 1.0}
+          for (v, s), ap in {("None", 0): 0.30, ("None", 1): 0.32, ("0.2", 0): 0.31, ("0.2", 1): 0.36}.items()]
+  fa.write_outputs(str(tmp_path), rows, {}, "cmd", 1.0, key="loss.adjacent_ignore_eps", missing=["0.5_s0"])
+  md = (tmp_path / "results.md").read_text()
+  assert md.startswith("# `loss.adjacent_ignore_eps` on the built-in dataset")
+  assert "Not run yet (absent from this table): 0.5_s0." in md
+  assert "| 0.2 − None | AP50 | 0: +0.010, 1: +0.040 | +0.025 |" in md and "| None | 2 |" in md
+  # --report_only trains nothing and reports what is missing
+  out = tmp_path / "report"
+  fa.write_run(str(out), "asff_s0", {**rows[0], "variant": "asff"})
+  with pytest.raises(SystemExit, match="no finished run"):
+    fa.main(["--config", str(REPO / "configs" / "tiny.py"), "--fusions", "sum", "--seeds", "0",
+             "--workdir_root", str(tmp_path / "none_here"), "--out", str(out), "--report_only"])
 
 
 @pytest.mark.parametrize("what", ["kernel", "input"])
