@@ -6,7 +6,8 @@ Creates the digits dataset on first use (``~/.cache/asff_jax/digits``), trains
 for ``num_train_steps`` and prints COCO AP on the digits val split at the end
 (and a quick estimate on 200 val images every ``eval_every_steps``). The whole
 run, dataset creation and compilation included, is sized for 20 minutes on a
-2-core CPU; what it measured is in README and ``experiments/default_config.md``.
+2-core CPU (measured 21 min 52 s and 22 min 39 s on 2026-12-06, a slow day);
+what it measured is in README and ``experiments/default_config.md``.
 
 The detector is the official one (Darknet residual backbone with SPP neck,
 ASFF fusion, guided-anchor heads with the deformable feature adaption and the
@@ -23,7 +24,8 @@ from-scratch run of minutes on a CPU:
   digit), milder zoom-out;
 * ``dataset.threads=1``: tf.data on one thread leaves the other core to XLA;
 * ``model.dcn_formulation='patches'``: the same deformable conv from one
-  gather of 2 × 2 patches (faster at this width);
+  gather of 2 × 2 patches (16 % faster at this width and batch 16 on
+  2026-11-24; equal within noise at batch 2 on 2026-12-06);
 * AdamW 2e-3 with gradient clipping, a linear warm-up of half an epoch and a
   per-step cosine to 5 % (the official SGD and 5-epoch burn-in are tuned for
   300 COCO epochs).

@@ -4,7 +4,7 @@
 
 Same model, input (256 px), batch and recipe as ``configs/default.py``, trained
 for 24,000 steps (48,000 images, 16 epochs of the 3,000 training images; the
-warm-up and the per-step cosine follow the longer run). Periodic COCO
+per-step cosine follows the longer run, the warm-up stays half an epoch, 750 steps). Periodic COCO
 evaluation every 3,000 steps on 200 val images, the full val split at the end.
 Measured time and AP: README and ``experiments/default_config.md``.
 """

@@ -2,7 +2,7 @@
 
 What
 ----
-One interface over three kinds of data, chosen by ``dataset.source``:
+One interface over four kinds of data, chosen by ``dataset.source``:
 
 ``'coco_folder'``
   Any local folder in COCO's layout (``dataset.root``), validated and prepared
@@ -14,7 +14,7 @@ One interface over three kinds of data, chosen by ``dataset.source``:
   TFDS ``coco/2017`` (``dataset.tfds_name``) already prepared in
   ``dataset.data_dir`` (nothing is downloaded). Random access needs the
   ``array_record`` format; a tfrecord-only preparation raises a
-  ``RuntimeError`` that prints the one-time in-place conversion command::
+  :class:`~asff_jax.errors.DataError` that prints the one-time in-place conversion command::
 
     tfds convert_format --dataset_version_dir=DATA_DIR/coco/2017/1.1.0 --out_file_format=array_record
 

@@ -1,4 +1,4 @@
-"""Benchmarks, run on demand: ``python -m asff_jax.benchmark [--what input|model|train|train_ab|all] [--quick] [--out F.json]``.
+"""Benchmarks, run on demand: ``python -m asff_jax.benchmark [--what input|model|train|profile|train_ab|accelerator|all] [--quick] [--out F.json]``.
 
 ``--what input``: the training input pipeline (spec §7-§8):
 JPEG decode of both mixup images, mixup, the full official TrainTransform at
@@ -52,6 +52,12 @@ time, images/s and share of the in-run matmul peak, the images/s ratio B/A and
 both losses after one step (``--quick``: B = per-tap for every eligible conv). For ``--models``/``--sizes``/``--batches``/``--dtypes``,
 or with ``--config configs/X.py`` that config's model at its own input size and
 batch (random weights and boxes, SGD update as in ``--what train``).
+
+``--what accelerator`` (issue 19): what the first device JAX sees (GPU/TPU)
+does with the full-size model — bf16 matmul peak, the 608 training step in
+bfloat16 at growing batches until one does not fit, the eval forward, and
+whether the host's input pipeline keeps up (:func:`bench_accelerator`);
+``--quick`` runs it on a 1/8-width model at 64 px (the CI smoke test).
 
 Defaults run the whole grid (models none/asff/asff_star × sizes 320/416/608 ×
 batches 1/8 × float32/bfloat16), which takes a long time on a CPU; select

@@ -14,7 +14,9 @@ compiled HLO text to say *where* the time goes:
 * **kind** — ``conv``, ``conv-weight-grad`` (a conv's kernel gradient, which
   XLA's CPU backend rewrites as a convolution whose window covers the whole
   input, dropping the metadata: its layer is unknown, so its region is
-  ``conv kernel gradients``), ``conv-lhs-dilated`` (a convolution over an input with
+  ``conv kernel gradients``; on CPU the convs that
+  :mod:`asff_jax.models.conv_grad` takes compute it as per-tap matmuls instead,
+  counted as ``dot`` in their layer's backward pass), ``conv-lhs-dilated`` (a convolution over an input with
   zeros inserted: XLA's form of the input gradient of a stride-2 conv, whose
   FLOPs are mostly multiplications by those zeros), ``dot`` (matmuls: the DCN's column contraction, …),
   ``gather``, ``scatter``, ``reduce`` (BN statistics, loss sums), ``copy`` (pure
