@@ -198,8 +198,8 @@ BF16_SCRIPT = textwrap.dedent("""
     step = make_train_step_fn(model=model, config=cfg, tx=opt.tx, lr_fn=lambda s: jnp.float32(0.01),
                               loss_fn=losses.loss_fn, mesh=mesh)
     batch = shd.make_global_batch(next(loader.make_train_iterator(cfg, 0)), mesh, cfg.batch_size)
-    # the model really computes in bf16
-    out = model.apply(state.variables, batch["images"], train=False)
+    # the model really computes in bf16 (traced only: the dtypes, without running the forward eagerly)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), state.variables, batch["images"])
     assert out["backbone"][-1].dtype == jnp.bfloat16, out["backbone"][-1].dtype
     state, m = step(state, batch)
     dtypes = {str(x.dtype) for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state.inner_state))}
