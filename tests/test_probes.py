@@ -32,7 +32,9 @@ def _setup(fusion):
   return cfg, model, variables, images, jnp.asarray(labels)
 
 
-@pytest.mark.parametrize("fusion", ["asff", "sum", "concat"])
+# asff in CI; sum and concat (the same decomposition through a weightless fusion, ~20 s each) under -m slow
+@pytest.mark.parametrize("fusion", ["asff", pytest.param("sum", marks=pytest.mark.slow),
+                                    pytest.param("concat", marks=pytest.mark.slow)])
 def test_contributions_add_up_to_full_gradient(fusion):
   cfg, model, variables, images, labels = _setup(fusion)
   split = SplitModel(model, variables, train=True)
