@@ -36,7 +36,7 @@ t-interval over seeds, and a plain verdict: "better" only where the interval
 excludes 0. The pairs: ASFF − sum and ASFF − none for ``model.fusion``, every
 value − the first value otherwise (``--pairs a-b,...`` to choose).
 
-On this machine one ``configs/default.py`` run takes 19–23 minutes, so the
+On this machine one ``configs/default.py`` run takes 22–27 minutes (2026-12-07), so the
 default 4 fusions × 3 seeds take about 4.5 hours. What was run, and the
 superseded 2026-11-24/25 table (``--seeds 0,1 --steps 500``, an older recipe),
 is in ``experiments/README.md``.
@@ -91,11 +91,7 @@ def run_name(key: str, value, seed: int) -> str:
 def run_config(base_path: str, key: str, value, seed: int, steps=None):
   """``base_path``'s config with ``key`` set to ``value``, ``seed`` set, periodic evaluation off, final on."""
   c = config_lib.load_config_file(base_path)
-  *parents, leaf = key.split(".")
-  node = c
-  for part in parents:
-    node = getattr(node, part)
-  setattr(node, leaf, value)  # ml_collections checks the type (an int for a float key is accepted)
+  c.update_from_flattened_dict({key: value})  # ml_collections checks the type (an int for a float key is accepted)
   c.seed = int(seed)
   if steps:
     c.num_train_steps = int(steps)
