@@ -72,3 +72,35 @@ def experiment_script(name: str):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def trace_train_step(config):
+  """The real train step of ``config`` traced with ``jax.eval_shape`` (nothing compiled or run).
+
+  Builds what ``train_and_evaluate`` builds — the resolved config (dataset facts), the model, the
+  optimizer, the step function and one real global batch from the training input pipeline — with an
+  abstract state. Returns ``(state, new_state, metrics, model)``: ``state`` and ``new_state`` are
+  ``TrainState`` trees of ``jax.ShapeDtypeStruct``, ``metrics`` the step's metrics (shapes, dtypes).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from asff_jax.config import resolve_config  # pylint: disable=import-outside-toplevel
+  from asff_jax.data import loader  # pylint: disable=import-outside-toplevel
+  from asff_jax.models import create_model, losses  # pylint: disable=import-outside-toplevel
+  from asff_jax.training import optim  # pylint: disable=import-outside-toplevel
+  from asff_jax.training import sharding as shd  # pylint: disable=import-outside-toplevel
+  from asff_jax.training.state import abstract_train_state  # pylint: disable=import-outside-toplevel
+  from asff_jax.training.step import make_train_step_fn  # pylint: disable=import-outside-toplevel
+
+  cfg = resolve_config(config, **loader.dataset_info(loader.train_source(config)))
+  model = create_model(cfg)
+  mesh = shd.make_mesh()
+  shape = (1, int(cfg.dataset.input_size), int(cfg.dataset.input_size), 3)
+  pshape = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
+  opt = optim.make_optimizer(cfg, pshape)
+  state = abstract_train_state(model, opt.tx, shape, sharding=shd.replicated(mesh))
+  step = make_train_step_fn(model=model, config=cfg, tx=opt.tx, lr_fn=lambda s: jnp.float32(0.01),
+                            loss_fn=losses.loss_fn, mesh=mesh)
+  batch = shd.make_global_batch(next(loader.make_train_iterator(cfg, 0)), mesh, cfg.batch_size)
+  new_state, metrics = jax.eval_shape(step, state, batch)
+  return state, new_state, metrics, model

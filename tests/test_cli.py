@@ -80,23 +80,36 @@ def test_evaluate_cli_and_other_dataset(trained):
   gt = json.loads((tmp / "digits" / "annotations" / "instances_val.json").read_text())
   assert {d["image_id"] for d in results} <= {im["id"] for im in gt["images"]}
   assert all(len(d["bbox"]) == 4 and 1 <= d["category_id"] <= 10 for d in results)
-  # the same checkpoint on another COCO-format folder (a differently seeded digits set)
+  # the same checkpoint on another COCO-format folder (a differently seeded digits set); in-process
+  # through the same entry point (the subprocess path ran just above)
+  from asff_jax import evaluate  # pylint: disable=import-outside-toplevel  (this test only)
+
   other = _digits_flags(tmp, "digits_other", 7) + ["--config.dataset.digits_num_val=9"]
-  r = _run(["asff_jax.evaluate", f"--workdir={workdir}", f"--out_dir={tmp / 'other_eval'}", *other],
-           env)
-  assert r.returncode == 0, r.stderr[-4000:]
+  assert evaluate.main([f"--workdir={workdir}", f"--out_dir={tmp / 'other_eval'}", *other]) == 0
   m2 = json.loads((tmp / "other_eval" / "val_metrics.json").read_text())
   assert m2["num_images"] == 9
 
 
-def test_evaluate_cli_errors_name_the_problem(trained, tmp_path):
-  _, env, workdir, _ = trained
-  r = _run(["asff_jax.evaluate", f"--workdir={tmp_path / 'nothing'}"], env)
-  assert r.returncode != 0 and "config.json" in r.stderr
-  r = _run(["asff_jax.evaluate", f"--workdir={workdir}", "--checkpoint=999"], env)
-  assert r.returncode != 0 and "999" in r.stderr and "available" in r.stderr
-  r = _run(["asff_jax.evaluate", f"--workdir={workdir}", "--config.model.num_classes=3"], env)
-  assert r.returncode != 0 and "num_classes" in r.stderr
+def test_evaluate_cli_errors_name_the_problem(trained, tmp_path, capsys):
+  """A user's mistake: exit status 2 and one line on stderr, no traceback.
+
+  In-process through ``evaluate.main`` (the same ``cli.run`` handler that ``python -m
+  asff_jax.evaluate`` exits with; the subprocess path is run by the tests above), which saves
+  a Python + TensorFlow start per case.
+  """
+  from asff_jax import evaluate  # pylint: disable=import-outside-toplevel  (this test only)
+
+  _, _, workdir, _ = trained
+  cases = [([f"--workdir={tmp_path / 'nothing'}"], ("config.json",)),
+           ([f"--workdir={workdir}", "--checkpoint=999"], ("999", "available")),
+           ([f"--workdir={workdir}", "--config.model.num_classes=3"], ("num_classes",))]
+  for argv, words in cases:
+    capsys.readouterr()
+    assert evaluate.main(argv) == 2, argv
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("asff_jax.evaluate: error: ")]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), err[-2000:]
+    assert "Traceback" not in err
 
 
 def test_predict_cli_writes_images_json_and_fusion_maps(trained, tmp_path):
@@ -126,28 +139,25 @@ def test_predict_cli_writes_images_json_and_fusion_maps(trained, tmp_path):
   assert np.isfinite([b for dets in det["detections"].values() for d in dets for b in d["bbox"]]).all()
 
 
-def test_fusion_maps_experiment_script(trained, tmp_path):
+def test_fusion_maps_experiment_script(trained, tmp_path, capsys):
   """``experiments/fusion_maps.py`` (the paper's Figure 3) as shipped, on the tiny run's checkpoint."""
-  tmp, env, workdir, _ = trained
+  tmp, _, workdir, _ = trained
   val = sorted((tmp / "digits" / "val").iterdir())[:2]
   out = tmp_path / "maps"
-  r = subprocess.run([sys.executable, str(REPO / "experiments" / "fusion_maps.py"), f"--workdir={workdir}",
-                      "--images", *map(str, val), f"--out={out}", "--score_thre=0.0"],
-                     env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert r.returncode == 0, r.stderr[-4000:]
-  assert "step 2" in r.stdout
+  fm = experiment_script("fusion_maps")  # its main() in this process
+  assert fm.main([f"--workdir={workdir}", "--images", *map(str, val), f"--out={out}", "--score_thre=0.0"]) == 0
+  assert "step 2" in capsys.readouterr().out
   for p in val:
     assert (out / f"{p.stem}_fusion.png").stat().st_size > 0 and (out / f"{p.stem}.png").stat().st_size > 0
 
 
 def test_gradient_probe_experiment_script(trained, tmp_path):
   """``experiments/gradient_probe.py`` (paper §3.3) as shipped, probing the tiny run's step 0 and checkpoint."""
-  tmp, env, workdir, _ = trained
+  _, _, workdir, _ = trained
   out = tmp_path / "probe"
-  r = subprocess.run([sys.executable, str(REPO / "experiments" / "gradient_probe.py"), "--runs", str(workdir),
-                      "--num_images=8", f"--out={out}"], env=env, capture_output=True, text=True, timeout=600,
-                     cwd=REPO)
-  assert r.returncode == 0, r.stderr[-4000:]
+  # the script's own main() in this process (a second interpreter would only add its start-up)
+  gp = experiment_script("gradient_probe")
+  assert gp.main(["--runs", str(workdir), "--num_images=8", f"--out={out}"]) == 0
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [(int(r["step"]), int(r["level"])) for r in rows] == [(s, n) for s in (0, 2) for n in range(3)]
@@ -165,9 +175,8 @@ def test_gradient_probe_experiment_script(trained, tmp_path):
   assert any(int(r["num_positive"]) > 0 for r in rows)
   assert (out / "results.md").read_text().startswith("# Gradient-consistency probe")
   assert (out / "curves.png").stat().st_size > 0 and all(int(r["probe_images"]) == 8 for r in rows)
-  # in-process (no second interpreter): --merge re-draws the rows of an earlier file unchanged, and a
-  # step without a checkpoint is a one-line SystemExit message
-  gp = experiment_script("gradient_probe")
+  # --merge re-draws the rows of an earlier file unchanged, and a step without a checkpoint is a
+  # one-line SystemExit message
   assert gp.main(["--merge", str(out / "results.csv"), "--num_images=8", f"--out={tmp_path / 'merged'}"]) == 0
   with open(tmp_path / "merged" / "results.csv") as f:
     assert list(csv.DictReader(f)) == rows

@@ -10,6 +10,7 @@ import pytest
 
 from asff_jax.models import create_model
 from asff_jax.config import load_config_file
+from tests.conftest import trace_train_step
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
@@ -63,15 +64,26 @@ def _tiny_from(path, tmp_path):
   return c
 
 
-def test_mobilenet_configs_train_a_step_at_tiny_width(tmp_path):
-  """configs/coco_mobilenet_*_416.py: the ASFF one runs a real training step, the baseline's step traces."""
-  from asff_jax.models import losses  # pylint: disable=import-outside-toplevel  (this test only)
+@pytest.mark.slow  # compiles the MobileNet step (~60 s on 2 cores); CI traces it (test below)
+def test_mobilenet_asff_config_trains_a_step_at_tiny_width(tmp_path):
+  """configs/coco_mobilenet_asff_416.py runs a real training step through ``train_and_evaluate``."""
   from asff_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel  (this test only)
 
   asff = _tiny_from(CONFIG_DIR / "coco_mobilenet_asff_416.py", tmp_path)
-  assert asff.model.backbone == "mobilenet_v2" and asff.model.anchors == "yolov3"
   state = train_and_evaluate(asff, str(tmp_path / "asff"), show_progress=False)
   assert int(jax.device_get(state.step)) == 1 and int(jax.device_get(state.nonfinite_count)) == 0
+
+
+def test_mobilenet_configs_train_step_traces_at_tiny_width(tmp_path):
+  """configs/coco_mobilenet_*_416.py: the ASFF recipe's real train step (its optimizer, input pipeline
+  and loss) and the baseline's loss gradient trace (``jax.eval_shape``, nothing compiled)."""
+  from asff_jax.models import losses  # pylint: disable=import-outside-toplevel  (this test only)
+
+  asff = _tiny_from(CONFIG_DIR / "coco_mobilenet_asff_416.py", tmp_path)
+  assert asff.model.backbone == "mobilenet_v2" and asff.model.anchors == "yolov3"
+  state, new_state, m, _ = trace_train_step(asff)
+  assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
+  assert m["loss"].shape == () and m["loss"].dtype == jnp.float32
   assert "offset" not in str(jax.tree_util.tree_structure(state.params))  # no deformable adaption
 
   base = _tiny_from(CONFIG_DIR / "coco_mobilenet_baseline_416.py", tmp_path)

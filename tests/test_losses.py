@@ -424,6 +424,7 @@ def test_huge_unconstrained_outputs_keep_gradients_finite():
   lab[0, 0] = (1, 20.0, 24.0, 18.0, 26.0, 1.0)  # one GT: a positive at one cell and slot
   lab = jnp.asarray(lab)
 
+  @jax.jit  # one compile each; eager op-by-op dispatch of the loss is slower on CPU
   def components(raw, gwh):
     return losses.level_loss(raw, gwh, lab, level=level, num_classes=SMALL_C, input_hw=SMALL_HW)
 
@@ -443,6 +444,6 @@ def test_huge_unconstrained_outputs_keep_gradients_finite():
   c0, c1 = components(raw, gwh), components(huge_raw, huge_g)
   for k in ("anchor", "iou", "l1", "cls"):  # obj may differ: the ignore mask sees inf boxes
     np.testing.assert_allclose(float(c1[k]), float(c0[k]), rtol=1e-6, err_msg=k)
-  v1, (g_raw, g_g) = jax.value_and_grad(loss, argnums=(0, 1))(huge_raw, huge_g)
+  v1, (g_raw, g_g) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(huge_raw, huge_g)
   assert np.isfinite(float(v1))
   assert np.all(np.isfinite(np.asarray(g_raw))) and np.all(np.isfinite(np.asarray(g_g)))
