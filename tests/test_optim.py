@@ -1,4 +1,4 @@
-"""Optimizer and schedules (asff_jax.training.optim) against spec §7, plus one bf16 train step."""
+"""Optimizer and schedules (asff_jax.training.optim) against spec §7; the bf16 train step (traced; -m slow runs it)."""
 
 from __future__ import annotations
 
