@@ -25,7 +25,8 @@ missing ones.
 
 For ``model.fusion`` the inference time of each fusion is measured on this
 machine with random weights at the evaluation size, batch 1, timed interleaved
-with the ``none`` baseline (ratio of medians; the shared CPU's clock drifts);
+with the ``none`` baseline (median and interquartile range of the per-round
+ratios; the shared CPU's clock drifts);
 other keys leave the model, hence the time, unchanged. Writes ``results.csv``
 (one row per run) and ``results.md`` (mean ± std over seeds of AP, AP50, AP75,
 APs, APm, APl, the class-agnostic AP and AP50 — the same detections with every
@@ -111,7 +112,11 @@ def final_metrics(workdir: str, steps: int):
 
 
 def relative_times(base_path: str, fusions, repeats: int) -> dict:
-  """Eval-forward time of each fusion / the ``none`` baseline (interleaved medians), batch 1."""
+  """Eval-forward time of each fusion / the ``none`` baseline, batch 1: ``{fusion: (median, q25, q75)}``.
+
+  Each round times every fusion once, back to back; the ratios are per round (to the round's ``none``)
+  and summarised by their median and interquartile range over ``repeats`` rounds.
+  """
   fns = {}
   for fusion in set(fusions) | {"none"}:
     c = run_config(base_path, FUSION_KEY, fusion, 0)
@@ -128,8 +133,9 @@ def relative_times(base_path: str, fusions, repeats: int) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(f(v, x))
       times[k].append(time.perf_counter() - t0)
-  base = float(np.median(times["none"]))
-  return {k: float(np.median(t)) / base for k, t in times.items()}
+  base = np.array(times["none"])
+  ratios = {k: np.array(t) / base for k, t in times.items()}  # per round: the clock drifts between rounds
+  return {k: tuple(float(q) for q in np.percentile(r, [50, 25, 75])) for k, r in ratios.items()}
 
 
 def paired_difference(rows: list[dict], a: str, b: str, metric: str, confidence: float = 0.95):
@@ -172,8 +178,12 @@ def default_pairs(key: str, variants: list[str]) -> list[tuple[str, str]]:
 
 
 def write_outputs(out: str, rows: list[dict], rel_time: dict, command: str, seconds: float, *,
-                  key: str = FUSION_KEY, pairs=None, missing=()) -> None:
-  """``OUT/results.csv`` (one row per run) and ``OUT/results.md`` (the table, the paired differences)."""
+                  key: str = FUSION_KEY, pairs=None, missing=(), report_only: bool = False) -> None:
+  """``OUT/results.csv`` (one row per run) and ``OUT/results.md`` (the table, the paired differences).
+
+  The table's training time per run is the mean (min–max) of the runs' ``train_s`` that are known
+  (NaN for a run found finished in its workdir rather than trained by this script).
+  """
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -181,11 +191,14 @@ def write_outputs(out: str, rows: list[dict], rel_time: dict, command: str, seco
     w.writerows(rows)
   title = ("Fusion ablation on the built-in dataset (paper Table 3)" if key == FUSION_KEY
            else f"`{key}` on the built-in dataset")
-  lines = [f"# {title}", "", f"Command: `{command}`  ", f"Wall time of this command: {seconds / 3600:.2f} h.", ""]
+  took = (f"Wall time of this command: {seconds / 3600:.2f} h." if not report_only else
+          f"Wall time of this command: {seconds / 60:.1f} min (report only: it trained nothing; "
+          "each run's own training time is in the table).")
+  lines = [f"# {title}", "", f"Command: `{command}`  ", took, ""]
   if missing:
     lines += [f"Not run yet (absent from this table): {', '.join(missing)}.", ""]
-  lines += [f"| {key} | seeds | " + " | ".join(METRICS) + " | relative inference time |",
-            "|---|---|" + "---|" * (len(METRICS) + 1)]
+  lines += [f"| {key} | seeds | " + " | ".join(METRICS) + " | relative inference time (IQR) | training min/run |",
+            "|---|---|" + "---|" * (len(METRICS) + 2)]
   variants = list(dict.fromkeys(r["variant"] for r in rows))
   for variant in variants:
     rr = [r for r in rows if r["variant"] == variant]
@@ -194,7 +207,16 @@ def write_outputs(out: str, rows: list[dict], rel_time: dict, command: str, seco
       v = np.array([r[k] for r in rr], np.float64)
       cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}")
     t = rel_time.get(variant)
-    lines.append(f"| {variant} | {len(rr)} | " + " | ".join(cells) + f" | {'–' if t is None else f'{t:.3f}'} |")
+    if t is None:
+      t_cell = "–"
+    elif isinstance(t, (tuple, list)):
+      t_cell = f"{t[0]:.3f} ({t[1]:.3f}–{t[2]:.3f})"
+    else:
+      t_cell = f"{t:.3f}"
+    train_min = [r["train_s"] / 60 for r in rr if np.isfinite(r["train_s"])]
+    lines.append(f"| {variant} | {len(rr)} | " + " | ".join(cells) + f" | {t_cell} | "
+                 + (f"{np.mean(train_min):.1f} ({min(train_min):.1f}–{max(train_min):.1f})" if train_min else "–")
+                 + " |")
   pairs = [(a, b) for a, b in (default_pairs(key, variants) if pairs is None else pairs)
            if {a, b} <= set(variants)]
   if pairs:
@@ -291,18 +313,19 @@ def main(argv=None) -> int:
       steps = int(config_lib.resolve_config(config, **loader.dataset_info(loader.train_source(config))).num_train_steps)
       row = read_run(args.out, name, steps)
       if row is None:
-        t_run = time.time()
+        t_run, train_s = time.time(), float("nan")  # NaN: found finished, trained elsewhere
         m = final_metrics(workdir, steps)
         if m is None and args.report_only:
           missing.append(name)
           continue
         if m is None:
           train.train_and_evaluate(config, workdir)
+          train_s = time.time() - t_run
           m = final_metrics(workdir, steps)
         if m is None:
           raise RuntimeError(f"{workdir}: no final evaluation after training")
         row = {"variant": str(value), "seed": seed, "steps": steps,
-               **{k: float(m.get(k, float("nan"))) for k in METRICS}, "train_s": time.time() - t_run}
+               **{k: float(m.get(k, float("nan"))) for k in METRICS}, "train_s": train_s}
         write_run(args.out, name, row)
       rows.append(row)
       print(f"{name}: " + "  ".join(f"{k} {row[k]:.3f}" for k in METRICS), flush=True)
@@ -310,7 +333,8 @@ def main(argv=None) -> int:
     raise SystemExit(f"no finished run under {args.out}/runs or {args.workdir_root} (missing: {', '.join(missing)})")
   rel = relative_times(args.config, [str(v) for v in values], args.time_repeats) if key == FUSION_KEY else {}
   write_outputs(args.out, rows, rel, command, time.time() - t0, key=key,
-                pairs=parse_pairs(args.pairs) if args.pairs else None, missing=missing)
+                pairs=parse_pairs(args.pairs) if args.pairs else None, missing=missing,
+                report_only=args.report_only)
   print(f"wrote {args.out}/results.csv, results.md ({(time.time() - t0) / 60:.1f} min)"
         + (f"; not run yet: {', '.join(missing)}" if missing else ""))
   return 0

@@ -53,11 +53,16 @@ def test_fusion_ablation_script(tmp_path):
   md = (out / "results.md").read_text()
   assert "| none | 1 |" in md and "| asff | 1 |" in md
   assert "| asff − none | AP50 |" in md and "one seed: no interval" in md
+  assert "| 1.000 (1.000–1.000) |" in md  # none against itself, round by round
   assert (out / "runs" / "asff_s0.csv").exists() and (out / "runs" / "none_s0.csv").exists()
-  # a finished run is not trained again
+  assert all(float(r["train_s"]) > 0 for r in rows)
+  # a finished run is not trained again; found finished without its CSV, its training time is unknown
   mtime = os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json")
+  os.remove(out / "runs" / "asff_s0.csv")
   assert fa.main(args) == 0
   assert os.path.getmtime(tmp_path / "runs" / "asff_s0" / "eval" / "val_metrics.json") == mtime
+  with open(out / "runs" / "asff_s0.csv") as f:
+    assert np.isnan(float(next(csv.DictReader(f))["train_s"]))
 
 
 def test_coco_scale_script_tiny(tmp_path):
@@ -119,6 +124,13 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "| asff − sum | AP50 | 0: +0.100, 1: +0.090, 2: +0.100 | +0.097 |" in md
   assert "asff is better than sum" in md and "| asff | 3 | 0.410 ± 0.008 |" in md
+  assert "Wall time of this command: 0.00 h." in md
+  # training minutes per run: mean (min–max) of the known times; a run found finished (NaN) is left out
+  timed = [{**r, "train_s": {0: 600.0, 1: 1200.0, 2: float("nan")}[r["seed"]]} for r in rows]
+  fa.write_outputs(str(tmp_path), timed, {"asff": (1.04, 1.01, 1.08)}, "cmd", 30.0, report_only=True)
+  md = (tmp_path / "results.md").read_text()
+  assert "| 1.040 (1.010–1.080) | 15.0 (10.0–20.0) |" in md and "| sum | 3 |" in md
+  assert "0.5 min (report only: it trained nothing" in md
 
 
 def test_fusion_ablation_vary_any_key(tmp_path):
