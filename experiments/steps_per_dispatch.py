@@ -56,7 +56,8 @@ def measure(config_path: str, k: int = 10, rounds: int = 3) -> dict:
   batches = [jax.device_put({k: jnp.asarray(v) for k, v in b.items()}) for b in host]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
   kw = dict(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn, loss_fn=losses.loss_fn,
-            dropblock=dropblock_for_step(config, 0), ema_decay=ema)
+            dropblock=dropblock_for_step(config, 0), ema_decay=ema,
+            ema_warmup_steps=float(config.optimizer.ema_warmup_steps))
   one = jax.jit(lambda s, b: train_step(s, b, **kw), donate_argnums=(0,))
 
   def scanned(s, bs):

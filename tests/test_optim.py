@@ -241,3 +241,42 @@ def test_bf16_one_step(tmp_path):
   r = subprocess.run([sys.executable, "-c", BF16_SCRIPT, str(REPO / "configs" / "tiny.py")], env=env,
                      capture_output=True, text=True, timeout=240)
   assert r.returncode == 0 and "BF16_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_ema_warmup_ramp_in_the_train_step():
+  """EMA of the parameters with the decay ramp d_t = decay·(1 − exp(−t/τ)), t = 1, 2, … (and τ = 0: constant).
+
+  The real ``train_step`` on a quadratic loss, against the recurrence written out in numpy.
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from asff_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  from asff_jax.training.state import init_state  # pylint: disable=import-outside-toplevel
+
+  assert step_lib.ema_decay_at(1, 0.999, 0.0) == 0.999
+  np.testing.assert_allclose(step_lib.ema_decay_at(1, 0.999, 2000.0), 0.999 * -math.expm1(-1 / 2000), rtol=1e-5)
+  np.testing.assert_allclose(step_lib.ema_decay_at(20000, 0.999, 2000.0), 0.999 * (1 - math.exp(-10)), rtol=1e-6)
+
+  target = jnp.array([1.0, -2.0, 0.5])
+
+  def loss_fn(variables, images, labels, **_):
+    loss = jnp.sum((variables["params"]["w"] - target) ** 2) + 0.0 * jnp.sum(images) + 0.0 * jnp.sum(labels)
+    return loss, {"batch_stats": variables["batch_stats"], "total": loss}
+
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  config = ml_collections.ConfigDict({"seed": 0})
+  batch = {"images": jnp.zeros((1, 4, 4, 3)), "labels": jnp.zeros((1, 2, 5))}
+  for decay, tau in ((0.9, 2.0), (0.9, 0.0)):
+    state = init_state({"params": {"w": jnp.zeros(3)}, "batch_stats": {}}, tx, use_ema=True)
+    fn = jax.jit(lambda s, b, decay=decay, tau=tau: step_lib.train_step(
+        s, b, model=None, config=config, tx=tx, lr_fn=lambda t: 0.1, loss_fn=loss_fn,
+        ema_decay=decay, ema_warmup_steps=tau))
+    w, ema = np.zeros(3), np.zeros(3)
+    for t in range(1, 6):
+      state, _ = fn(state, batch)
+      w = w - 0.1 * 2 * (w - np.asarray(target))
+      d = decay * (1 - math.exp(-t / tau)) if tau else decay
+      ema = d * ema + (1 - d) * w
+      np.testing.assert_allclose(np.asarray(state.params["w"]), w, rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(state.ema_params["w"]), ema, rtol=1e-5, atol=1e-7)
+    assert int(state.step) == 5

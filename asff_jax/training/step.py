@@ -72,8 +72,27 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def ema_decay_at(t, decay: float, warmup_steps: float = 0.0):
+  """The EMA decay used at update ``t`` (1-based): ``decay · (1 − exp(−t / τ))``, or ``decay`` if τ = 0.
+
+  With τ > 0 the weight of the step-0 parameters in the average after ``T`` updates is
+  ``∏_t d_t`` (0 from the first update on, within float32, for τ ≫ 1: ``d_1 ≈ decay / τ``), where a
+  constant decay leaves ``decay^T`` of them (13.5 % after 2,000 updates at 0.999). The same ramp as
+  ultralytics' ``ModelEMA`` (τ = 2,000 there).
+
+  Args:
+    t: scalar update count (traced or Python), ≥ 1.
+    decay: the asymptotic decay in [0, 1).
+    warmup_steps: τ in updates; 0 = constant.
+  """
+  if warmup_steps <= 0:
+    return decay
+  return decay * -jnp.expm1(-jnp.asarray(t, jnp.float32) / float(warmup_steps))  # 1 − e^{−x}, exact for small x
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, config, tx,
-               lr_fn, loss_fn: LossFn, dropblock=None, ema_decay: float = 0.0):
+               lr_fn, loss_fn: LossFn, dropblock=None, ema_decay: float = 0.0,
+               ema_warmup_steps: float = 0.0):
   """One SGD step (pure; jit it with the state donated).
 
   Args:
@@ -84,7 +103,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, conf
     loss_fn: ``loss_fn(variables, images, labels, *, model, config, train, rng
       [, dropblock])`` (:func:`asff_jax.models.losses.loss_fn`).
     dropblock: static DropBlock setting (:func:`dropblock_for_step`).
-    ema_decay: > 0 updates ``state.ema_params``.
+    ema_decay: > 0 updates ``state.ema_params``: ``ema ← d·ema + (1 − d)·params`` after the update.
+    ema_warmup_steps: τ > 0 ramps the decay up, ``d = ema_decay · (1 − exp(−t / τ))`` at update
+      ``t = state.step + 1`` (:func:`ema_decay_at`), so the average forgets the initialisation
+      early on; 0 = the constant ``ema_decay``.
 
   Returns:
     ``(new_state, metrics)``; metrics are scalars (among them ``cls_acc``, the
@@ -115,7 +137,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, conf
   updates, new_opt_state = tx.update(grads, opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   if ema_decay > 0:
-    new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, new_params)
+    d = ema_decay_at(state.step + 1, ema_decay, ema_warmup_steps)
+    new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, new_params)
   else:
     new_ema = state.ema_params
 
@@ -155,12 +178,14 @@ def make_train_step_fn(*, model, config, tx, lr_fn, loss_fn: LossFn, mesh):
   """
   repl, data = shd.replicated(mesh), shd.data_sharded(mesh)
   ema = float(config.optimizer.ema_decay)
+  ema_warmup = float(config.optimizer.get("ema_warmup_steps", 0.0))
   compiled = {}
 
   def step_fn(state, batch, dropblock=None):
     if dropblock not in compiled:
       fn = functools.partial(train_step, model=model, config=config, tx=tx, lr_fn=lr_fn,
-                             loss_fn=loss_fn, dropblock=dropblock, ema_decay=ema)
+                             loss_fn=loss_fn, dropblock=dropblock, ema_decay=ema,
+                             ema_warmup_steps=ema_warmup)
       compiled[dropblock] = jax.jit(fn, in_shardings=(repl, data), out_shardings=(repl, repl),
                                     donate_argnums=(0,))
     return compiled[dropblock](state, batch)
