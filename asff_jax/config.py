@@ -194,7 +194,7 @@ def _optimizer() -> ml_collections.ConfigDict:
   o.lr_scaling = "none"  # 'none' (official) | 'linear' (lr · batch_size / reference_batch_size)
   o.reference_batch_size = 64
   o.ema_decay = 0.0  # 0 = no EMA (official)
-  o.ema_warmup_steps = 2000  # τ: decay · (1 − exp(−t/τ)) at update t; 0 = constant decay
+  o.ema_warmup_steps = -1  # τ: decay · (1 − exp(−t/τ)) at update t; 0 = constant; -1 = min(2000, steps/10)
   o.b1 = 0.9  # adamw only
   o.b2 = 0.999  # adamw only
   o.clip_grad_norm = 0.0  # > 0: clip the global gradient norm first (official: off)

@@ -17,8 +17,9 @@ the seed changes the initialisation and the batch order) in
 ``adjacent_ignore_eps=0.2_s0``). A finished run (its final COCO evaluation on
 file) is not trained again, an interrupted one resumes; the final COCO metrics
 of the val split are read from it. Each finished run also writes
-``OUT/runs/<run>.csv`` (its metrics, steps and training wall time — NaN for a
-run found finished in its workdir, trained elsewhere); a run whose CSV is
+``OUT/runs/<run>.csv`` (its metrics, steps and the training wall time of the
+invocation that finished it — only the resumed part for a resumed run, NaN for
+a run found finished in its workdir); a run whose CSV is
 there with the same number of steps is not trained again, so the table can be
 filled over several sittings or machines (copy the CSVs). ``--report_only``
 trains nothing: it writes the table from the runs on file and lists the
@@ -39,7 +40,7 @@ excludes 0. The pairs: ASFF − sum and ASFF − none for ``model.fusion``, ever
 value − the first value otherwise (``--pairs a-b,...`` to choose).
 
 On this machine one ``configs/default.py`` run takes 19–34 minutes depending on
-the load (2026-12-07), so the default 4 fusions × 3 seeds take about 4.5 hours. What was run, and the
+the load (2026-12-07); the default 4 fusions × 3 seeds took 4.9 hours of training. What was run, and the
 superseded 2026-11-24/25 table (``--seeds 0,1 --steps 500``, an older recipe),
 is in ``experiments/README.md``.
 """

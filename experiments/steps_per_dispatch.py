@@ -30,7 +30,7 @@ from asff_jax.data import loader  # noqa: E402
 from asff_jax.models import losses  # noqa: E402
 from asff_jax.training import sharding as shd  # noqa: E402
 from asff_jax.training.state import create_train_state  # noqa: E402
-from asff_jax.training.step import dropblock_for_step, train_step  # noqa: E402
+from asff_jax.training.step import dropblock_for_step, ema_warmup_for, train_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_time  # noqa: E402  (experiments/step_time.py: the shared setup)
@@ -57,7 +57,7 @@ def measure(config_path: str, k: int = 10, rounds: int = 3) -> dict:
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
   kw = dict(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn, loss_fn=losses.loss_fn,
             dropblock=dropblock_for_step(config, 0), ema_decay=ema,
-            ema_warmup_steps=float(config.optimizer.ema_warmup_steps))
+            ema_warmup_steps=ema_warmup_for(config))
   one = jax.jit(lambda s, b: train_step(s, b, **kw), donate_argnums=(0,))
 
   def scanned(s, bs):

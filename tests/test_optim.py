@@ -254,6 +254,15 @@ def test_ema_warmup_ramp_in_the_train_step():
   from asff_jax.training.state import init_state  # pylint: disable=import-outside-toplevel
 
   assert step_lib.ema_decay_at(1, 0.999, 0.0) == 0.999
+  # τ from the config: as given, or (−1, the default) a tenth of the run capped at 2,000
+  c = default_config()
+  assert c.optimizer.ema_warmup_steps == -1 and step_lib.ema_warmup_for(c) == 2000.0  # run length unresolved
+  for steps, tau in ((6500, 650.0), (100_000, 2000.0), (20, 2.0)):
+    c.num_train_steps = steps
+    assert step_lib.ema_warmup_for(c) == tau
+    assert float(step_lib.ema_decay_at(steps, 0.999, tau)) >= 0.999 * (1 - 1e-4)  # decay reached by the end
+  c.optimizer.ema_warmup_steps = 0
+  assert step_lib.ema_warmup_for(c) == 0.0
   np.testing.assert_allclose(step_lib.ema_decay_at(1, 0.999, 2000.0), 0.999 * -math.expm1(-1 / 2000), rtol=1e-5)
   np.testing.assert_allclose(step_lib.ema_decay_at(20000, 0.999, 2000.0), 0.999 * (1 - math.exp(-10)), rtol=1e-6)
 

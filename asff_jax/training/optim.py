@@ -48,9 +48,12 @@ Keys:
 * ``ema_decay``: EMA of the parameters (the official code has none): 0 = off.
   Evaluation uses the average when ``eval.use_ema`` (default); the BatchNorm
   statistics stay the live model's.
-* ``ema_warmup_steps`` (τ, default 2,000): the decay at update t is
+* ``ema_warmup_steps`` (τ): the decay at update t is
   ``ema_decay · (1 − exp(−t/τ))`` (:func:`asff_jax.training.step.ema_decay_at`),
-  so early averages do not carry the random initialisation; 0 = constant decay.
+  so early averages do not carry the random initialisation; 0 = constant decay;
+  −1 (default) = ``min(2000, num_train_steps / 10)``
+  (:func:`asff_jax.training.step.ema_warmup_for`), so the decay reaches
+  ``ema_decay`` by the end of short runs too.
 * ``name``: ``'sgd'`` (official) or ``'adamw'`` (``optax.adamw`` with ``b1``,
   ``b2`` and decoupled ``weight_decay`` on the same mask; not in the official
   code, used by the short from-scratch digits configs).

@@ -76,9 +76,10 @@ def ema_decay_at(t, decay: float, warmup_steps: float = 0.0):
   """The EMA decay used at update ``t`` (1-based): ``decay · (1 − exp(−t / τ))``, or ``decay`` if τ = 0.
 
   With τ > 0 the weight of the step-0 parameters in the average after ``T`` updates is
-  ``∏_t d_t`` (0 from the first update on, within float32, for τ ≫ 1: ``d_1 ≈ decay / τ``), where a
+  ``∏_t d_t`` (``d_1 ≈ decay / τ`` after the first update, below 1e-9 after three for τ ≫ 1), where a
   constant decay leaves ``decay^T`` of them (13.5 % after 2,000 updates at 0.999). The same ramp as
-  ultralytics' ``ModelEMA`` (τ = 2,000 there).
+  ultralytics' ``ModelEMA`` (τ = 2,000 there); the decay reaches 0.99 · ``decay`` only at t ≈ 4.6 τ
+  (:func:`ema_warmup_for` picks τ from the run length).
 
   Args:
     t: scalar update count (traced or Python), ≥ 1.
@@ -88,6 +89,21 @@ def ema_decay_at(t, decay: float, warmup_steps: float = 0.0):
   if warmup_steps <= 0:
     return decay
   return decay * -jnp.expm1(-jnp.asarray(t, jnp.float32) / float(warmup_steps))  # 1 − e^{−x}, exact for small x
+
+
+def ema_warmup_for(config) -> float:
+  """τ for :func:`ema_decay_at` from ``config.optimizer.ema_warmup_steps``.
+
+  ≥ 0 is taken as given (0 = constant decay); −1 (the default) = ``min(2000, num_train_steps / 10)``
+  (2,000 when the run length is not resolved yet), so that the decay reaches
+  ``ema_decay · (1 − e^{−10})`` by the end of any run, short ones included — a fixed τ = 2,000 leaves a
+  6,500-step run at ``0.96`` for ``ema_decay`` 0.999, i.e. an average over ~25 steps.
+  """
+  tau = float(config.optimizer.get("ema_warmup_steps", 0.0))
+  if tau >= 0:
+    return tau
+  steps = int(config.get("num_train_steps", -1))
+  return min(2000.0, steps / 10.0) if steps > 0 else 2000.0
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, config, tx,
@@ -178,7 +194,7 @@ def make_train_step_fn(*, model, config, tx, lr_fn, loss_fn: LossFn, mesh):
   """
   repl, data = shd.replicated(mesh), shd.data_sharded(mesh)
   ema = float(config.optimizer.ema_decay)
-  ema_warmup = float(config.optimizer.get("ema_warmup_steps", 0.0))
+  ema_warmup = ema_warmup_for(config)
   compiled = {}
 
   def step_fn(state, batch, dropblock=None):
