@@ -324,8 +324,9 @@ def main(argv=None) -> int:
           train.train_and_evaluate(config, workdir)
           train_s = time.time() - t_run
           m = final_metrics(workdir, steps)
-        if m is None:
-          raise RuntimeError(f"{workdir}: no final evaluation after training")
+        if m is None:  # e.g. SIGTERM: the run saved a checkpoint and stopped before its final evaluation
+          raise SystemExit(f"{workdir}: stopped before its final evaluation (interrupted?); the same "
+                           "command resumes it")
         row = {"variant": str(value), "seed": seed, "steps": steps,
                **{k: float(m.get(k, float("nan"))) for k in METRICS}, "train_s": train_s}
         write_run(args.out, name, row)
