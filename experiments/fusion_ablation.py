@@ -208,13 +208,8 @@ def write_outputs(out: str, rows: list[dict], rel_time: dict, command: str, seco
     for k in METRICS:
       v = np.array([r[k] for r in rr], np.float64)
       cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}")
-    t = rel_time.get(variant)
-    if t is None:
-      t_cell = "–"
-    elif isinstance(t, (tuple, list)):
-      t_cell = f"{t[0]:.3f} ({t[1]:.3f}–{t[2]:.3f})"
-    else:
-      t_cell = f"{t:.3f}"
+    t = rel_time.get(variant)  # (median, q25, q75) from relative_times
+    t_cell = "–" if t is None else f"{t[0]:.3f} ({t[1]:.3f}–{t[2]:.3f})"
     train_min = [r["train_s"] / 60 for r in rr if np.isfinite(r["train_s"])]
     lines.append(f"| {variant} | {len(rr)} | " + " | ".join(cells) + f" | {t_cell} | "
                  + (f"{np.mean(train_min):.1f} ({min(train_min):.1f}–{max(train_min):.1f})" if train_min else "–")

@@ -120,7 +120,8 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   old.write_text("fusion,seed,steps," + ",".join(fa.METRICS) + ",train_s\n"
                  "sum,1,100," + ",".join(["0.33"] * len(fa.METRICS)) + ",5.0\n")
   assert fa.read_run(str(tmp_path), "sum_s1", 100) == {**rows[4], "train_s": 5.0}
-  fa.write_outputs(str(tmp_path), rows, {"none": 1.0, "sum": 1.01, "asff": 1.04}, "cmd", 10.0)
+  fa.write_outputs(str(tmp_path), rows, {"none": (1.0, 1.0, 1.0), "sum": (1.01, 1.0, 1.02),
+                                         "asff": (1.04, 1.03, 1.05)}, "cmd", 10.0)
   md = (tmp_path / "results.md").read_text()
   assert "| asff − sum | AP50 | 0: +0.100, 1: +0.090, 2: +0.100 | +0.097 |" in md
   assert "asff is better than sum" in md and "| asff | 3 | 0.410 ± 0.008 |" in md
