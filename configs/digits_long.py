@@ -2,7 +2,8 @@
 
     python -m asff_jax.train --config configs/digits_long.py --workdir DIR
 
-Same model, input (256 px), batch and recipe as ``configs/default.py``, trained
+Same model, input (256 px), batch and recipe as ``configs/digits_aug.py`` (the
+default until 2026-12-07: official geometric augmentation, tested at 256 px), trained
 for 24,000 steps (48,000 images, 16 epochs of the 3,000 training images; the
 per-step cosine follows the longer run, the warm-up stays half an epoch, 750 steps). Periodic COCO
 evaluation every 3,000 steps on 200 val images, the full val split at the end.
@@ -15,7 +16,7 @@ from asff_jax.config import load_config_file
 
 
 def get_config():
-  c = load_config_file(Path(__file__).with_name("default.py"))
+  c = load_config_file(Path(__file__).with_name("digits_aug.py"))
   c.num_train_steps = 24000
   c.eval_every_steps = 3000
   c.checkpoint_every_steps = 3000

@@ -3,7 +3,7 @@
 ::
 
     python experiments/fusion_ablation.py --out experiments/fusion_ablation \\
-        [--config configs/default.py] [--fusions none,concat,sum,asff] [--seeds 0,1,2] \\
+        [--config configs/digits_aug.py] [--fusions none,concat,sum,asff] [--seeds 0,1,2] \\
         [--workdir_root /tmp/fusion_ablation] [--steps N] [--time_repeats 10] [--report_only]
     # Table 2 (adjacent ignore regions): any config key, values as Python literals
     python experiments/fusion_ablation.py --out experiments/adjacent_ignore \\
@@ -39,7 +39,10 @@ t-interval over seeds, and a plain verdict: "better" only where the interval
 excludes 0. The pairs: ASFF − sum and ASFF − none for ``model.fusion``, every
 value − the first value otherwise (``--pairs a-b,...`` to choose).
 
-On this machine one ``configs/default.py`` run takes 19–34 minutes depending on
+``--config`` defaults to ``configs/digits_aug.py``, the recipe every table on file was made with (the
+default of that time: official geometric augmentation, 6,500 steps, tested at 256 px); pass
+``--config configs/default.py`` for today's default. On this machine one ``configs/digits_aug.py`` run
+takes 19–34 minutes depending on
 the load (2026-12-07); the default 4 fusions × 3 seeds took 4.9 hours of training. What was run, and the
 superseded 2026-11-24/25 table (``--seeds 0,1 --steps 500``, an older recipe),
 is in ``experiments/README.md``.
@@ -278,7 +281,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default=os.path.join(REPO, "configs", "default.py"))
+  p.add_argument("--config", default=os.path.join(REPO, "configs", "digits_aug.py"))
   p.add_argument("--fusions", default="none,concat,sum,asff", help="the values of model.fusion (without --vary)")
   p.add_argument("--vary", default=None, help="KEY=V1,V2,...: vary this config key instead of model.fusion")
   p.add_argument("--pairs", default=None, help="A-B,...: the paired differences to report (values as named)")

@@ -6,7 +6,7 @@
     python experiments/gradient_probe.py --runs RUN_ASFF RUN_SUM [--steps 0,1500,3000,6000,12000,24000] \\
         [--num_images 64] [--out experiments/gradient_probe]
     # or train short runs first, one per fusion, then probe them:
-    python experiments/gradient_probe.py --train --config configs/default.py --variants sum,asff \\
+    python experiments/gradient_probe.py --train --config configs/digits_aug.py --variants sum,asff \\
         --train_steps 300 --probe_every 100 --workdir_root /tmp/gradient_probe
 
 For each run (its fusion is read from the run's ``config.json``) and each
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
   p.add_argument("--merge", nargs="*", default=[], help="earlier results.csv files whose rows join these "
                  "(the same probe images: same --num_images and dataset)")
   p.add_argument("--train", action="store_true", help="train one short run per --variants first")
-  p.add_argument("--config", default=os.path.join(REPO, "configs", "default.py"))
+  p.add_argument("--config", default=os.path.join(REPO, "configs", "digits_aug.py"))
   p.add_argument("--variants", default="sum,asff")
   p.add_argument("--train_steps", type=int, default=300)
   p.add_argument("--probe_every", type=int, default=100)

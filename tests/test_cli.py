@@ -1,6 +1,6 @@
 """The main job on real data, end to end through the command lines: train → evaluate → predict.
 
-A tiny model (``configs/tiny.py`` at 64 px) trains for a few steps on a small
+A tiny model (``configs/tiny.py`` at 64 px, evaluated at 96 px) trains for a few steps on a small
 ``digits`` dataset (generated into a temporary folder), then ``asff_jax.evaluate``
 and ``asff_jax.predict`` run on its checkpoint. The numbers are meaningless
 (the model is barely trained); the files, formats, and bad-input handling are
@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
             "--config.dataset.source=digits", *_digits_flags(tmp, "digits", 0),
             "--config.model.num_classes=10", "--config.num_train_steps=2",
             "--config.checkpoint_every_steps=2", "--config.dataset.max_boxes=12",
-            "--config.eval_at_end=True"], env)
+            "--config.eval_at_end=True", "--config.eval.input_size=96"], env)
   assert r.returncode == 0, r.stderr[-5000:]
   return tmp, env, workdir, r
 
@@ -65,6 +65,7 @@ def test_train_on_digits_records_dataset_and_evaluates_at_end(trained):
   assert cfg["dataset"]["category_ids"] == list(range(1, 11))
   m = json.loads((workdir / "eval" / "val_metrics.json").read_text())
   assert set(METRICS) <= set(m) and m["num_images"] == 12 and m["tag"] == 2
+  assert m["input_size"] == 96  # eval.input_size, not the 64 px training input (configs/default.py relies on it)
   assert all(0.0 <= m[k] <= 1.0 or m[k] == -1.0 for k in METRICS)
   assert "eval at step 2" in r.stderr
 
@@ -75,7 +76,7 @@ def test_evaluate_cli_and_other_dataset(trained):
   assert r.returncode == 0, r.stderr[-4000:]
   assert "AP50" in r.stdout
   m = json.loads((workdir / "eval" / "val_metrics.json").read_text())
-  assert m["num_images"] == 12 and m["tag"] == 2 and set(METRICS) <= set(m)
+  assert m["num_images"] == 12 and m["tag"] == 2 and set(METRICS) <= set(m) and m["input_size"] == 96
   results = json.loads((workdir / "eval" / "val_results.json").read_text())
   gt = json.loads((tmp / "digits" / "annotations" / "instances_val.json").read_text())
   assert {d["image_id"] for d in results} <= {im["id"] for im in gt["images"]}

@@ -18,7 +18,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
 
 def test_all_config_files_are_covered():
   names = {p.stem for p in CONFIGS}
-  assert {"default", "digits_long", "tiny", "coco_baseline_608", "coco_asff_608", "coco_asff_star_608",
+  assert {"default", "digits_aug", "digits_long", "tiny", "coco_baseline_608", "coco_asff_608", "coco_asff_star_608",
           "coco_asff_star_800", "coco_mobilenet_asff_416", "coco_mobilenet_baseline_416"} <= names
 
 
@@ -32,7 +32,7 @@ def test_config_builds_and_traces(path):
   assert len(model.anchors) == 9 and all(w > 0 and h > 0 for w, h in model.anchors)
   if path.stem.startswith("coco_"):
     assert c.model.num_classes == 80 and c.paper_ap > 0  # each recipe documents the paper's AP
-  elif path.stem in ("default", "digits_long"):
+  elif path.stem in ("default", "digits_aug", "digits_long"):
     assert c.model.num_classes == 10 and c.dataset.source == "digits"
   s = int(c.dataset.input_size)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
@@ -43,12 +43,33 @@ def test_config_builds_and_traces(path):
   assert out["pred"].shape == (1, n, 5 + c.model.num_classes)
 
 
-def test_digits_long_trains_on_more_images_than_default():
-  """digits_long is the default recipe with a longer budget: same model and input, more images."""
-  base = load_config_file(CONFIG_DIR / "default.py")
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def test_digits_aug_is_the_default_with_the_official_geometric_augmentation():
+  """configs/digits_aug.py (the recipe of Tables 2–3, the EMA records and digits_long) differs from the
+  default only in its augmentation, its length and its test size, with the values those records used."""
+  default = _flat(load_config_file(CONFIG_DIR / "default.py").to_dict())
+  aug = _flat(load_config_file(CONFIG_DIR / "digits_aug.py").to_dict())
+  assert aug.keys() == default.keys()
+  assert {k for k in aug if aug[k] != default[k]} <= {
+      "num_train_steps", "eval.input_size", "optimizer.lr", "dataset.augment.crop_p",
+      "dataset.augment.expand_p", "dataset.augment.expand_max_scale", "dataset.augment.affine_p"}
+  assert (aug["num_train_steps"], aug["eval.input_size"], aug["optimizer.lr"]) == (6500, None, 2e-3)
+  assert (aug["dataset.augment.crop_p"], aug["dataset.augment.expand_p"], aug["dataset.augment.expand_max_scale"],
+          aug["dataset.augment.affine_p"], aug["dataset.augment.flip_p"]) == (1.0, 0.3, 2.0, 0.5, 0.0)
+
+
+def test_digits_long_trains_on_more_images_than_digits_aug():
+  """digits_long is digits_aug with a longer budget: same model, input and augmentation, more images."""
+  base = load_config_file(CONFIG_DIR / "digits_aug.py")
   long = load_config_file(CONFIG_DIR / "digits_long.py")
   assert long.model.to_dict() == base.model.to_dict()
-  assert long.dataset.input_size == base.dataset.input_size
+  assert long.dataset.to_dict() == base.dataset.to_dict() and long.eval.input_size == base.eval.input_size
   assert long.num_train_steps * long.batch_size > 2 * base.num_train_steps * base.batch_size
 
 
