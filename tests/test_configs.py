@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from flax.traverse_util import flatten_dict
 
 from asff_jax.models import create_model
 from asff_jax.config import load_config_file
@@ -43,18 +44,11 @@ def test_config_builds_and_traces(path):
   assert out["pred"].shape == (1, n, 5 + c.model.num_classes)
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
 def test_digits_aug_is_the_default_with_the_official_geometric_augmentation():
   """configs/digits_aug.py (the recipe of Tables 2–3, the EMA records and digits_long) differs from the
   default only in its augmentation, its length and its test size, with the values those records used."""
-  default = _flat(load_config_file(CONFIG_DIR / "default.py").to_dict())
-  aug = _flat(load_config_file(CONFIG_DIR / "digits_aug.py").to_dict())
+  default = flatten_dict(load_config_file(CONFIG_DIR / "default.py").to_dict(), sep=".")
+  aug = flatten_dict(load_config_file(CONFIG_DIR / "digits_aug.py").to_dict(), sep=".")
   assert aug.keys() == default.keys()
   assert {k for k in aug if aug[k] != default[k]} <= {
       "num_train_steps", "eval.input_size", "optimizer.lr", "dataset.augment.crop_p",

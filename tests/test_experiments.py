@@ -131,9 +131,9 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   fa.write_outputs(str(tmp_path), timed, {"asff": (1.04, 1.01, 1.08)}, "cmd", 30.0, report_only=True)
   md = (tmp_path / "results.md").read_text()
   assert "| 1.040 (1.010–1.080) | 15.0 (10.0–20.0) |" in md and "| sum | 3 |" in md
+  assert "0.5 min (report only: it trained nothing" in md
   fa.write_run(str(tmp_path), "asff_s2", timed[2])  # an unknown training time survives the CSV round trip
   assert np.isnan(fa.read_run(str(tmp_path), "asff_s2", 100)["train_s"])
-  assert "0.5 min (report only: it trained nothing" in md
 
 
 def test_fusion_ablation_vary_any_key(tmp_path):
