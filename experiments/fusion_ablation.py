@@ -106,14 +106,19 @@ def run_config(base_path: str, key: str, value, seed: int, steps=None):
   return c
 
 
-def final_metrics(workdir: str, steps: int):
-  """The final val metrics of a finished run, or None."""
+def final_metrics(workdir: str, steps: int, size: int):
+  """The final val metrics of a finished run evaluated at ``size`` px, or None.
+
+  A record of another size (the run's checkpoint evaluated again with ``python -m asff_jax.evaluate
+  --config.eval.input_size=S``, which writes the same file) is not the run's own evaluation.
+  """
   path = os.path.join(workdir, "eval", "val_metrics.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     m = json.load(f)
-  return m if int(m.get("tag", -1)) == int(steps) else None
+  ok = int(m.get("tag", -1)) == int(steps) and int(m.get("input_size", size)) == int(size)
+  return m if ok else None
 
 
 def relative_times(base_path: str, fusions, repeats: int) -> dict:
@@ -314,14 +319,14 @@ def main(argv=None) -> int:
       row = read_run(args.out, name, steps)
       if row is None:
         t_run, train_s = time.time(), float("nan")  # NaN: found finished, trained elsewhere
-        m = final_metrics(workdir, steps)
+        m = final_metrics(workdir, steps, eval_input_size(config))
         if m is None and args.report_only:
           missing.append(name)
           continue
         if m is None:
           train.train_and_evaluate(config, workdir)
           train_s = time.time() - t_run
-          m = final_metrics(workdir, steps)
+          m = final_metrics(workdir, steps, eval_input_size(config))
         if m is None:  # e.g. SIGTERM: the run saved a checkpoint and stopped before its final evaluation
           raise SystemExit(f"{workdir}: stopped before its final evaluation (interrupted?); the same "
                            "command resumes it")

@@ -134,6 +134,11 @@ def test_fusion_ablation_paired_intervals_and_run_csvs(tmp_path):
   assert "0.5 min (report only: it trained nothing" in md
   fa.write_run(str(tmp_path), "asff_s2", timed[2])  # an unknown training time survives the CSV round trip
   assert np.isnan(fa.read_run(str(tmp_path), "asff_s2", 100)["train_s"])
+  # a run's checkpoint evaluated again at another size is not its final evaluation
+  (tmp_path / "wd" / "eval").mkdir(parents=True)
+  (tmp_path / "wd" / "eval" / "val_metrics.json").write_text('{"tag": 100, "input_size": 416, "AP50": 0.5}')
+  assert fa.final_metrics(str(tmp_path / "wd"), 100, 256) is None
+  assert fa.final_metrics(str(tmp_path / "wd"), 100, 416)["AP50"] == 0.5
 
 
 def test_fusion_ablation_vary_any_key(tmp_path):
