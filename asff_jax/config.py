@@ -169,6 +169,10 @@ def _loss() -> ml_collections.ConfigDict:
     (:mod:`asff_jax.models.losses`); True stops that gradient into ``guide_wh``.
   * ``adjacent_ignore_eps`` None — off; a float ≥ 0 enables the paper's Table 2
     adjacent ignore regions (0 = centre location only).
+  * ``max_log_scale`` 15.0 — cap on ``tw, th`` and ``guide_wh`` inside the exponentials of the
+    box and anchor terms where those terms look (:func:`asff_jax.models.losses.level_loss`):
+    identical below it; without it (None in a config file, ``inf`` on the command line: the
+    official code) one runaway prediction makes the whole gradient NaN and the step is skipped.
   * ``anchor_weight``, ``iou_weight``, ``l1_weight``, ``obj_weight``,
     ``cls_weight`` 1.0 — multipliers of the components in the total (official: the plain sum).
   """
@@ -177,6 +181,7 @@ def _loss() -> ml_collections.ConfigDict:
   l.ignore_thre = 0.7
   l.detach_anchor_targets = False
   l.adjacent_ignore_eps = placeholder(float)
+  l.max_log_scale = ml_collections.FieldReference(15.0, field_type=float)  # None allowed
   for k in ("anchor", "iou", "l1", "obj", "cls"):
     l[f"{k}_weight"] = 1.0
   return l

@@ -447,3 +447,61 @@ def test_huge_unconstrained_outputs_keep_gradients_finite():
   v1, (g_raw, g_g) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(huge_raw, huge_g)
   assert np.isfinite(float(v1))
   assert np.all(np.isfinite(np.asarray(g_raw))) and np.all(np.isfinite(np.asarray(g_g)))
+
+def test_runaway_scale_at_a_positive_keeps_gradients_finite_and_ordinary_values_identical():
+  """tw/th/guide_wh beyond exp()'s range *where the box terms look* (``max_log_scale``).
+
+  Regression: the default digits run skipped 2–12 updates per run because one
+  positive had tw ≈ 256 at level 0: ``w·h`` of the decoded box was inf and its
+  backward 0 · inf = NaN in every gradient leaf (the loss itself finite). With
+  the cap the gradient is finite; without it (``None``, the official code) it is
+  NaN — so this test fails if the cap stops working. Below the cap the loss and
+  its gradient are bit-identical to the uncapped (official) formulation.
+  """
+  level = 2
+  raw, gwh = _zeros_heads(2, level)
+  lab = np.zeros((2, 5, 6), np.float32)
+  lab[0, 0] = (1, 20.0, 24.0, 18.0, 26.0, 1.0)
+  lab[1, 0] = (2, 40.0, 36.0, 30.0, 12.0, 1.0)
+  lab = jnp.asarray(lab)
+
+  def fns(cap):
+    def loss(raw, gwh):
+      return losses.level_loss(raw, gwh, lab, level=level, num_classes=SMALL_C,
+                               input_hw=SMALL_HW, max_log_scale=cap)["total"]
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  capped, official = fns(losses.MAX_LOG_SCALE), fns(None)
+  _, t = losses.level_loss(raw, gwh, lab, level=level, num_classes=SMALL_C, input_hw=SMALL_HW,
+                           return_targets=True)
+  pos = np.asarray(t.positive)  # (B, H, W, 4)
+  assert pos[0].sum() >= 1 and pos[1].sum() >= 1
+  b, h, w = raw.shape[:3]
+
+  # Ordinary values (|x| ≤ 3, below the cap): bit-identical value and gradients.
+  rng = np.random.default_rng(0)
+  r = jnp.asarray(rng.uniform(-3, 3, raw.shape), jnp.float32)
+  g = jnp.asarray(rng.uniform(-3, 3, gwh.shape), jnp.float32)
+  (v0, g0), (v1, g1) = official(r, g), capped(r, g)
+  assert float(v0) == float(v1)
+  for a, c in zip(g0, g1):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+  # A runaway tw at one positive of image 0, a runaway guide_wh at one of image 1.
+  huge_r = np.asarray(r).reshape(b, h, w, 4, -1).copy()
+  i0 = tuple(np.argwhere(pos[0])[0])
+  huge_r[(0,) + i0 + (2,)] = 256.0
+  huge_g = np.asarray(g).reshape(b, h, w, 4, 2).copy()
+  i1 = tuple(np.argwhere(pos[1])[0])
+  huge_g[(1,) + i1 + (1,)] = 120.0
+  huge_r = jnp.asarray(huge_r.reshape(raw.shape))
+  huge_g = jnp.asarray(huge_g.reshape(gwh.shape))
+  v_off, (gr_off, gg_off) = official(huge_r, huge_g)
+  assert np.isfinite(float(v_off))  # the loss is finite ...
+  assert not np.all(np.isfinite(np.asarray(gr_off)))  # ... its gradient is not (the bug)
+  v_cap, (gr_cap, gg_cap) = capped(huge_r, huge_g)
+  assert np.isfinite(float(v_cap))
+  assert np.all(np.isfinite(np.asarray(gr_cap))) and np.all(np.isfinite(np.asarray(gg_cap)))
+  # The wh L1 still sees the raw tw = 256: its gradient there is tgt_scale / B, sign +.
+  gr_cap = np.asarray(gr_cap).reshape(b, h, w, 4, -1)
+  assert gr_cap[(0,) + i0 + (2,)] > 0

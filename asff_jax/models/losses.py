@@ -44,6 +44,12 @@ Official quirks reproduced
 Extension (off by default): ``adjacent_ignore_eps`` — the paper's adjacent
 ignore regions (Sec. 3.3, Table 2), see :func:`asff_jax.models.targets.adjacent_ignore_mask`.
 It only changes ``obj``.
+
+Robustness (on by default, ``max_log_scale``; not in the official code): the
+exponentials of ``tw, th`` and ``guide_wh`` are taken of inputs zeroed where no
+box term looks and capped at 15 where one does. Loss and gradient are
+bit-identical to the official ones below the cap; above it, where the official
+gradient is NaN in every parameter (``w·h`` overflows), they are finite.
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ STATS = ("num_pos", "cls_correct")
 in the batch, ``cls_correct`` positives whose largest class logit is the target class."""
 IOU_LOSS_EPS = 1e-16  # official IOUloss / IOUWH_loss union eps (README quirk 6)
 LOG_EPS = 1e-12  # official eps inside log(w / pw + eps)
+# Cap on tw, th and guide_wh inside exp() where a box or anchor term uses them
+# (level_loss's max_log_scale): e^15 ≈ 3.3·10⁶ times the anchor, far outside any
+# box a detector predicts, and small enough that exp(2·15)·anchor squared (an
+# area) stays finite in float32.
+MAX_LOG_SCALE = 15.0
 
 
 def bce_with_logits(logits, targets):
@@ -79,8 +90,8 @@ def bce_with_logits(logits, targets):
 def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
                anchors=ANCHORS, anchor_masks=ANCHOR_MASKS, ignore_thre: float = 0.7,
                label_smoothing: bool = True, detach_anchor_targets: bool = False,
-               adjacent_ignore_eps=None, return_targets: bool = False,
-               return_stats: bool = False):
+               adjacent_ignore_eps=None, max_log_scale: float | None = MAX_LOG_SCALE,
+               return_targets: bool = False, return_stats: bool = False):
   """Official loss of one level (spec §6).
 
   Args:
@@ -97,6 +108,15 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
     detach_anchor_targets: ``stop_gradient`` on the predicted anchor inside the
       wh targets (the official code does not detach; default False).
     adjacent_ignore_eps: None (off) or float >= 0 (paper Table 2 ignore regions).
+    max_log_scale: cap on the log-scales ``tw, th`` and ``guide_wh`` inside the
+      exponentials of the box and anchor terms (``iou``, ``anchor`` and the
+      predicted anchor ``pw`` in the ``wh`` target); the ``wh`` L1 itself sees
+      the raw ``tw, th``. ``None`` or ``inf`` = no cap (official). Below the cap values and
+      gradients are bit-identical to the official formulation; above it the
+      term is that of the capped scale (gradient 0 through the exponential).
+      Without it a single prediction with ``tw`` ≳ 44 (a box 10¹⁹ times its
+      anchor) makes ``w·h`` overflow and the whole gradient NaN (0 · inf),
+      which the training guard then skips.
     return_targets: also return the :class:`~asff_jax.models.targets.LevelTargets`.
     return_stats: also the counts ``STATS`` (float32 scalars, not divided by B;
       with several target classes at a slot, the largest target counts).
@@ -124,15 +144,21 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
   batch = raw.shape[0]
   out = dec["out"]
   pos = t.positive
-  # Finite gradients (a robustness fix; loss values are unchanged): tw/th and
+  # Finite gradients (a robustness fix; see ``max_log_scale``): tw/th and
   # guide_wh at positions no box term selects are unconstrained, and a large
   # value there overflows exp() to inf. jnp.where would then pass 0 · inf = NaN
   # back (the official code, multiplying by tgt_mask, has the same hazard). So
-  # the exponentials are taken of inputs zeroed where the terms are masked out.
+  # the exponentials are taken of inputs zeroed where the terms are masked out,
+  # and, where a term does look, of inputs capped at ``max_log_scale``.
   sel = (pos | t.anchor_mask)[..., None]
   b_, h_, w_ = raw.shape[:3]
-  g_safe = jnp.where(sel, guide_wh.reshape(b_, h_, w_, NUM_SLOTS, 2), 0.0)
-  out_safe = out.at[..., 2:4].set(jnp.where(sel, out[..., 2:4], 0.0))
+  g_sel = guide_wh.reshape(b_, h_, w_, NUM_SLOTS, 2)
+  twh_sel = out[..., 2:4]
+  if max_log_scale is not None:
+    g_sel = jnp.minimum(g_sel, max_log_scale)
+    twh_sel = jnp.minimum(twh_sel, max_log_scale)
+  g_safe = jnp.where(sel, g_sel, 0.0)
+  out_safe = out.at[..., 2:4].set(jnp.where(sel, twh_sel, 0.0))
   safe = tgt_lib.decode_level(out_safe.reshape(raw.shape), g_safe.reshape(guide_wh.shape),
                               level=level, input_hw=input_hw, anchors=anchors,
                               anchor_masks=anchor_masks)
@@ -171,7 +197,8 @@ def level_loss_settings(loss_config=None) -> dict:
   c = default_loss_config() if loss_config is None else loss_config
   return dict(label_smoothing=bool(c["label_smoothing"]), ignore_thre=float(c["ignore_thre"]),
               detach_anchor_targets=bool(c["detach_anchor_targets"]),
-              adjacent_ignore_eps=c["adjacent_ignore_eps"])
+              adjacent_ignore_eps=c["adjacent_ignore_eps"],
+              max_log_scale=c.get("max_log_scale", MAX_LOG_SCALE))
 
 
 def head_loss(levels: Sequence[Mapping[str, jax.Array]], labels, *, loss_config=None,
