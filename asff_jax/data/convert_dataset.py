@@ -404,7 +404,7 @@ def format_summary(report: dict, out) -> str:
   splits = list(report["splits"])
   train = "train" if "train" in splits else ("trainval" if "trainval" in splits else splits[0])
   val = next((s for s in ("val", "test") if s in splits and s != train), train)
-  lines.append("train on it with:\n  python -m asff_jax.train --config configs/default.py --workdir DIR "
+  lines.append("train on it with:\n  python -m asff_jax.train --config configs/digits_aug.py --workdir DIR "
                f"--config.dataset.source=coco_folder --config.dataset.root={out} "
                f"--config.dataset.train_split={train} --config.dataset.eval_split={val} "
                f"--config.model.num_classes={len(report['categories'])}")
