@@ -51,9 +51,10 @@ def test_digits_aug_is_the_default_with_the_official_geometric_augmentation():
   aug = flatten_dict(load_config_file(CONFIG_DIR / "digits_aug.py").to_dict(), sep=".")
   assert aug.keys() == default.keys()
   assert {k for k in aug if aug[k] != default[k]} <= {
-      "num_train_steps", "eval.input_size", "optimizer.lr", "dataset.augment.crop_p",
+      "num_train_steps", "eval.input_size", "optimizer.lr", "optimizer.ema_decay", "dataset.augment.crop_p",
       "dataset.augment.expand_p", "dataset.augment.expand_max_scale", "dataset.augment.affine_p"}
-  assert (aug["num_train_steps"], aug["eval.input_size"], aug["optimizer.lr"]) == (6500, None, 2e-3)
+  assert (aug["num_train_steps"], aug["eval.input_size"], aug["optimizer.lr"], aug["optimizer.ema_decay"]) == (
+      6500, None, 2e-3, 0.0)
   assert (aug["dataset.augment.crop_p"], aug["dataset.augment.expand_p"], aug["dataset.augment.expand_max_scale"],
           aug["dataset.augment.affine_p"], aug["dataset.augment.flip_p"]) == (1.0, 0.3, 2.0, 0.5, 0.0)
 
