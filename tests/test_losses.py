@@ -448,6 +448,7 @@ def test_huge_unconstrained_outputs_keep_gradients_finite():
   assert np.isfinite(float(v1))
   assert np.all(np.isfinite(np.asarray(g_raw))) and np.all(np.isfinite(np.asarray(g_g)))
 
+
 def test_runaway_scale_at_a_positive_keeps_gradients_finite_and_ordinary_values_identical():
   """tw/th/guide_wh beyond exp()'s range *where the box terms look* (``max_log_scale``).
 

@@ -114,9 +114,9 @@ def level_loss(raw, guide_wh, labels, *, level: int, num_classes: int, input_hw,
       the raw ``tw, th``. ``None`` or ``inf`` = no cap (official). Below the cap values and
       gradients are bit-identical to the official formulation; above it the
       term is that of the capped scale (gradient 0 through the exponential).
-      Without it a single prediction with ``tw`` ≳ 44 (a box 10¹⁹ times its
-      anchor) makes ``w·h`` overflow and the whole gradient NaN (0 · inf),
-      which the training guard then skips.
+      Without it a single prediction whose ``w·h`` leaves float32's range
+      (``tw`` ≈ 256 at a positive, in a digits run) makes the whole gradient NaN
+      (0 · inf), and the training guard skips the step.
     return_targets: also return the :class:`~asff_jax.models.targets.LevelTargets`.
     return_stats: also the counts ``STATS`` (float32 scalars, not divided by B;
       with several target classes at a slot, the largest target counts).
