@@ -3,6 +3,21 @@
 Both run ``configs/tiny.py`` (synthetic data, a pure function of (seed, step))
 in subprocesses, because the device count and ``jax.distributed`` must be set
 before JAX starts.
+
+What "the same result" can mean here (record: ``experiments/distributed.md``, lab script
+``experiments/sharding_rounding.py``): the runs differ only in float reduction order (BN statistics,
+gradient all-reduce), but the gradient of this network is discontinuous — the LeakyReLU's slope jumps at
+0, the deformable conv's offset gradient where a sample crosses an integer pixel coordinate — and a
+rounding-level change moves a unit sitting within ~1e-6 of such a point to the other side. On the tiny
+model a layer has 32-512 positions per channel, so one such unit moves that layer's gradient by ~1 %:
+one device with its parameters multiplied by (1 + 1e-7) differs from itself exactly as much as 8 devices
+differ from 1 (gradient: 4e-5 relative L2 and 1.6e-2 in the worst leaf at the initialisation). Whether a
+unit flips depends on the CPU's code generation (none on the AVX-512 machines before 2026-12-07; 2.7e-4
+max abs in the parameters after 3 steps on an AVX2 one), so no element-wise tolerance on the parameters
+is both tight and machine-independent. The comparisons are on what is continuous — the BN statistics,
+element-wise — and on the parameters as the L2 norm of the difference relative to the last step's
+update. Per-device (unsynchronised) BN changes the gradient by 14-25x its norm, a missing gradient
+all-reduce by 9.5-23x; an LR 10 % off gives 0.09 (> the bound 0.05; mutation run by hand).
 """
 
 from __future__ import annotations
@@ -22,19 +37,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
 STEPS = 3
 BATCH = 8
-# The official LR (tiny.py uses 0.01 so that its few steps move the weights a lot). Runs on
-# 1 and 8 devices differ only in float reduction order (BN statistics, gradient all-reduce);
-# with the summed official loss that noise grows with the LR: ~1e-4 after 3 steps at 0.01,
-# ~1e-5 at 0.001. Per-device (unsynced) BN statistics would differ by ~1e-1.
+# The official LR (tiny.py uses 0.01 so that its few steps move the weights a lot). tiny's burn-in
+# gives step 0 an LR of 0 and steps 1-2 LR/16.
 LR = 0.001
+# ||params_n - params_1|| / ||last update of params_1|| (L2 over all leaves). Measured 2026-12-07:
+# 0.0029 (8 devices), 0.0006 (2 processes); per-device BN or a missing all-reduce: >= 9 (gradient).
+PARAMS_REL_L2 = 0.05
 
 
-def _env(devices: int, cache: Path, fast_compile: bool = True) -> dict:
-  """Subprocess environment. ``fast_compile=False``: XLA's default CPU codegen. The 1-vs-8-device
-  comparison needs it: with LLVM -O0 the 8-device step differs from the 1-device one by ~3e-4
-  relative in the first conv's update (measured), at the default level by ~5e-7 after 3 steps."""
-  opt = " --xla_backend_optimization_level=0" if fast_compile else ""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}{opt}",
+def _env(devices: int, cache: Path) -> dict:
+  """Subprocess environment: ``devices`` host devices, LLVM -O0 (as ``conftest.py``; fast
+  compiles), gloo collectives, the shared compilation cache."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+                                    " --xla_backend_optimization_level=0",
               TF_CPP_MIN_LOG_LEVEL="3",
               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
@@ -66,6 +81,27 @@ def _assert_close(a, b, atol):
   assert worst <= atol, worst
 
 
+def _assert_stats_close(got, want, rtol):
+  """BN running statistics: every leaf within ``rtol`` of its own largest magnitude."""
+  import jax  # pylint: disable=import-outside-toplevel
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= rtol * max(np.max(np.abs(b)), 1e-3), (
+        jax.tree_util.keystr(path), float(np.max(np.abs(a - b))), float(np.max(np.abs(b))))
+
+
+def _params_rel_l2(got, want, previous) -> float:
+  """``||got - want|| / ||want - previous||``, L2 over all parameter leaves (module docstring)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  def sq(x, y):
+    return sum(float(np.sum((np.asarray(u, np.float64) - np.asarray(v, np.float64)) ** 2))
+               for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True))
+  update = sq(want, previous)
+  assert update > 0, "the last step did not move the weights"
+  return (sq(got, want) / update) ** 0.5
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
   return tmp_path_factory.mktemp("jax_cache")
@@ -79,7 +115,7 @@ def single_device_run(tmp_path_factory, cache):
                       f"--workdir={workdir}", f"--config.num_train_steps={STEPS}",
                       f"--config.batch_size={BATCH}", "--config.checkpoint_every_steps=1",
                       f"--config.keep_checkpoints={STEPS}", f"--config.optimizer.lr={LR}"],
-                     env=_env(1, cache, fast_compile=False), capture_output=True, text=True, timeout=600, cwd=REPO)
+                     env=_env(1, cache), capture_output=True, text=True, timeout=600, cwd=REPO)
   assert r.returncode == 0, r.stderr[-4000:]
   return workdir
 
@@ -106,17 +142,20 @@ def test_eight_devices_equal_one_device(tmp_path, cache, single_device_run):
       assert len(leaf.sharding.device_set) == 8, leaf.sharding
       print("OK")
   """)
-  r = subprocess.run([sys.executable, "-c", script], env=_env(8, cache, fast_compile=False), capture_output=True,
+  r = subprocess.run([sys.executable, "-c", script], env=_env(8, cache), capture_output=True,
                      text=True, timeout=600, cwd=REPO)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
   got, want = _restore(workdir, STEPS), _restore(single_device_run, STEPS)
-  _assert_close(got["params"], want["params"], 1e-5)
-  _assert_close(got["batch_stats"], want["batch_stats"], 1e-5)
-  # the project's loader (evaluate / predict) reads the 8-device checkpoint on 1 device
+  # SyncBN: the running statistics (continuous in the parameters) agree element-wise;
+  # per-device statistics over 1 image would differ by > 1e-1 relative.
+  _assert_stats_close(got["batch_stats"], want["batch_stats"], 1e-5)
+  rel = _params_rel_l2(got["params"], want["params"], _restore(single_device_run, STEPS - 1)["params"])
+  assert rel <= PARAMS_REL_L2, rel
+  # the project's loader (evaluate / predict) reads the 8-device checkpoint on 1 device, unchanged
   from asff_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
   variables, step = checkpoints.load_variables(str(workdir))
   assert step == STEPS
-  _assert_close(variables["params"], want["params"], 1e-5)
+  _assert_close(variables["params"], got["params"], 0.0)
   # and training did move the weights (the comparison is not between two initialisations)
   init_diff = [np.max(np.abs(np.asarray(x))) for x in
                __import__("jax").tree.leaves(want["opt_state"]["inner_state"])
@@ -155,18 +194,9 @@ def test_two_processes_equal_one_process(tmp_path, cache, single_device_run):
     assert p.returncode == 0, err[-4000:]
   assert "process_count=2" in outs[0][1] or "num_processes=2" in outs[0][1]
   got, want = _restore(workdir, STEPS), _restore(single_device_run, STEPS)
-  # SyncBN across processes: the forward statistics agree to ~2e-6 (measured); per-process
-  # statistics over 4 of the 8 images would differ by > 1e-2.
-  _assert_close(got["batch_stats"], want["batch_stats"], 1e-4)
-  # Parameters, against the size of the last step's update (the only full-LR step: tiny's
-  # burn-in gives steps 0 and 1 an LR of 0 and LR/16). Measured 2026-12-06: the first
-  # gradient of the 2-process program differs from the 1-process one by 1-2 % relative in
-  # every layer up to neck layer_23's 3x3 conv (its input gradient), ~1e-5 above it; the
-  # BN statistics agree. It depends on XLA:CPU's code generation (0.6 % of the update
-  # after the third step with the default LLVM level here; 0.01 % with -O0 here, 0.6 %
-  # with -O0 on the CI machine) and is not reproduced by 4 devices in one process
-  # (1.5e-5). A wrong row split or a missing cross-process gradient all-reduce changes
-  # the update by tens of percent.
-  update = _max_abs_diff(want["params"], _restore(single_device_run, STEPS - 1)["params"])
-  assert update > 1e-3, update  # the step really moved the weights
-  assert _max_abs_diff(got["params"], want["params"]) <= 0.05 * update
+  # SyncBN across processes: per-process statistics over 4 of the 8 images would differ by > 1e-2.
+  _assert_stats_close(got["batch_stats"], want["batch_stats"], 1e-5)
+  # Parameters: see the module docstring (a wrong row split or a missing cross-process gradient
+  # all-reduce changes the update by tens of percent).
+  rel = _params_rel_l2(got["params"], want["params"], _restore(single_device_run, STEPS - 1)["params"])
+  assert rel <= PARAMS_REL_L2, rel
