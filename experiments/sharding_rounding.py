@@ -1,7 +1,6 @@
 """How far apart can 8-device and 1-device training be? ``python experiments/sharding_rounding.py``.
 
-The lab behind the bounds in ``tests/test_distributed.py`` (record: ``experiments/benchmarks.md``,
-"Sharded vs unsharded training"). On ``configs/tiny.py`` at batch 8 it computes the gradient of the
+The lab behind the bounds in ``tests/test_distributed.py`` (record: ``experiments/distributed.md``). On ``configs/tiny.py`` at batch 8 it computes the gradient of the
 official loss (:func:`asff_jax.models.losses.loss_fn`, BN in training mode) at two states — the
 initialisation and after two 1-device training steps — four ways:
 
