@@ -1,8 +1,9 @@
 """How far apart can 8-device and 1-device training be? ``python experiments/sharding_rounding.py``.
 
-The lab behind the bounds in ``tests/test_distributed.py`` (record: ``experiments/distributed.md``). On ``configs/tiny.py`` at batch 8 it computes the gradient of the
-official loss (:func:`asff_jax.models.losses.loss_fn`, BN in training mode) at two states — the
-initialisation and after two 1-device training steps — four ways:
+The lab behind the bounds in ``tests/test_distributed.py`` (record: ``experiments/distributed.md``).
+On ``configs/tiny.py`` at batch 8 it computes the gradient of the official loss
+(:func:`asff_jax.models.losses.loss_fn`, BN in training mode) at two states — the initialisation and
+after two 1-device training steps — five ways:
 
 * on a 1-device mesh (the reference);
 * on an 8-device mesh (SyncBN and the gradient all-reduce by XLA; the batch split 8 ways);
