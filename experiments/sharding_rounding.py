@@ -32,30 +32,18 @@ from asff_jax import cli  # noqa: E402,F401  (first: quiets TensorFlow)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from asff_jax import config as config_lib  # noqa: E402
 from asff_jax.data import loader  # noqa: E402
-from asff_jax.models import create_model, losses  # noqa: E402
+from asff_jax.models import losses  # noqa: E402
 from asff_jax.models.layers import BatchNorm  # noqa: E402
-from asff_jax.training import optim, sharding as shd  # noqa: E402
+from asff_jax.training import sharding as shd  # noqa: E402
 from asff_jax.training.state import create_train_state  # noqa: E402
 from asff_jax.training.step import make_train_step_fn  # noqa: E402
+
+import step_time  # noqa: E402  (experiments/step_time.py: the shared setup)
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 BATCH = 8
 PERTURB = 1e-7
-
-
-def _setup():
-  config = config_lib.load_config_file(TINY)
-  config.batch_size = BATCH
-  config.optimizer.lr = 0.001  # as tests/test_distributed.py
-  source = loader.train_source(config)
-  config = config_lib.resolve_config(config, **loader.dataset_info(source))
-  model = create_model(config)
-  size = int(config.dataset.input_size)
-  shape = (1, size, size, 3)
-  params_shape = jax.eval_shape(model.init, jax.random.key(0), np.zeros(shape, np.float32))["params"]
-  return config, source, model, optim.make_optimizer(config, params_shape), shape
 
 
 def _relative(ref, other) -> tuple[float, float]:
@@ -69,8 +57,10 @@ def _relative(ref, other) -> tuple[float, float]:
 
 
 def main() -> int:
-  config, source, model, opt, shape = _setup()
-  mesh1, mesh8 = shd.make_mesh(jax.devices()[:1]), shd.make_mesh(jax.devices()[:8])
+  # LR as tests/test_distributed.py
+  config, source, mesh1, model, opt, shape = step_time.setup(
+      TINY, [f"batch_size={BATCH}", "optimizer.lr=0.001"], devices=jax.devices()[:1])
+  mesh8 = shd.make_mesh(jax.devices()[:8])
   state = create_train_state(model, opt.tx, jax.random.key(0), shape,
                              sharding=shd.replicated(mesh1), use_ema=False)
   step_fn = make_train_step_fn(model=model, config=config, tx=opt.tx, lr_fn=opt.lr_fn,
@@ -87,11 +77,16 @@ def main() -> int:
                           model=model, config=config, train=True)[0]
   grad_fn = jax.jit(jax.grad(loss_of))
 
-  def grad(host, batch, mesh, perturb=0.0):
+  def on(host, mesh, perturb):
+    """(params × (1 + perturb), batch_stats) of ``host`` replicated over ``mesh``."""
     st = jax.device_put(host, shd.replicated(mesh))
-    params = jax.tree.map(lambda p: p * (1 + perturb), st.params) if perturb else st.params
+    return (jax.tree.map(lambda p: p * (1 + perturb), st.params) if perturb else st.params,
+            st.batch_stats)
+
+  def grad(host, batch, mesh, perturb=0.0):
+    params, batch_stats = on(host, mesh, perturb)
     b = shd.make_global_batch(batch, mesh, batch["images"].shape[0])
-    return jax.tree.map(np.asarray, grad_fn(params, st.batch_stats, b["images"], b["labels"]))
+    return jax.tree.map(np.asarray, grad_fn(params, batch_stats, b["images"], b["labels"]))
 
   @jax.jit
   def bn_inputs(params, batch_stats, images):
@@ -101,10 +96,9 @@ def main() -> int:
     return jax.tree.leaves(st["intermediates"])
 
   def bn_inputs_sign(host, batch, perturb=0.0):
-    st = jax.device_put(host, shd.replicated(mesh1))
-    params = jax.tree.map(lambda p: p * (1 + perturb), st.params) if perturb else st.params
+    params, batch_stats = on(host, mesh1, perturb)
     images = shd.make_global_batch(batch, mesh1, BATCH)["images"]
-    return [np.asarray(x) > 0 for x in bn_inputs(params, st.batch_stats, images)]
+    return [np.asarray(x) > 0 for x in bn_inputs(params, batch_stats, images)]
 
   for name, host, batch in (("initialisation", states[0], batches[0]),
                             ("after 2 steps", states[2], batches[2])):
