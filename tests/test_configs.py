@@ -46,17 +46,17 @@ def test_config_builds_and_traces(path):
 
 def test_digits_aug_is_the_default_with_the_official_geometric_augmentation():
   """configs/digits_aug.py (the recipe of Tables 2–3, the EMA records and digits_long) differs from the
-  default only in its augmentation, length, test size, LR, EMA and label smoothing, with the values those
+  default only in its augmentation, length, test size, LR, EMA, label smoothing and class-loss weight, with the values those
   records used."""
   default = flatten_dict(load_config_file(CONFIG_DIR / "default.py").to_dict(), sep=".")
   aug = flatten_dict(load_config_file(CONFIG_DIR / "digits_aug.py").to_dict(), sep=".")
   assert aug.keys() == default.keys()
   assert {k for k in aug if aug[k] != default[k]} <= {
       "num_train_steps", "eval.input_size", "optimizer.lr", "optimizer.ema_decay", "loss.label_smoothing",
-      "dataset.augment.crop_p",
+      "loss.cls_weight", "dataset.augment.crop_p",
       "dataset.augment.expand_p", "dataset.augment.expand_max_scale", "dataset.augment.affine_p"}
   assert (aug["num_train_steps"], aug["eval.input_size"], aug["optimizer.lr"], aug["optimizer.ema_decay"],
-          aug["loss.label_smoothing"]) == (6500, None, 2e-3, 0.0, True)
+          aug["loss.label_smoothing"], aug["loss.cls_weight"]) == (6500, None, 2e-3, 0.0, True, 1.0)
   assert (aug["dataset.augment.crop_p"], aug["dataset.augment.expand_p"], aug["dataset.augment.expand_max_scale"],
           aug["dataset.augment.affine_p"], aug["dataset.augment.flip_p"]) == (1.0, 0.3, 2.0, 0.5, 0.0)
 
