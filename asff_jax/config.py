@@ -57,7 +57,9 @@ num_epochs · steps_per_epoch``, e.g. ``--config.num_train_steps=20``) lays the
 same phases out over the run it has: every boundary is multiplied by
 :func:`schedule_scale` ``= num_train_steps / (num_epochs · steps_per_epoch)``.
 The warm-up of ``schedule.name='warmup_cosine'`` (whose cosine already
-follows the run's length) is cut to half the run when it is longer than that.
+follows the run's length) is cut to half the run when it is longer than that,
+and the decay of an EMA of the weights to an average over a third of the run
+(:func:`ema_decay`).
 :func:`schedule_fit_messages` says what was changed (the training loop logs it
 once).
 """
@@ -482,8 +484,25 @@ def warmup_steps(config) -> int:
   return min(warm, int(config.num_train_steps) // 2)
 
 
+def ema_decay(config) -> float:
+  """The EMA decay a run uses: ``optimizer.ema_decay``, cut so that the average spans ≤ a third of the run.
+
+  An EMA with decay ``d`` averages over about ``1 / (1 − d)`` updates (0.999: ~1,000). A run shorter
+  than three times that would evaluate an average reaching back to its first, untrained steps (measured
+  on the notebook's 800-step CPU run: ``experiments/default_config.md``), so the decay is cut to ``1 − 3 / num_train_steps`` (floored at 0)
+  there and :func:`schedule_fit_messages` says so. Runs of ≥ 3 / (1 − d) steps (3,000 for 0.999) are
+  unchanged. 0 (no EMA) stays 0.
+  """
+  decay = float(config.optimizer.ema_decay)
+  total = int(config.get("num_train_steps", -1))
+  if decay <= 0 or total <= 0:
+    return decay
+  return min(decay, max(0.0, 1.0 - 3.0 / total))
+
+
 def schedule_fit_messages(config) -> list[str]:
-  """What :func:`schedule_scale` and :func:`warmup_steps` change in this resolved config (empty: nothing)."""
+  """What :func:`schedule_scale`, :func:`warmup_steps` and :func:`ema_decay` change in this resolved
+  config (empty: nothing)."""
   out = []
   total = int(config.num_train_steps)
   s = schedule_scale(config)
@@ -506,4 +525,9 @@ def schedule_fit_messages(config) -> list[str]:
     if warm > warmup_steps(config):
       out.append(f"warm-up of {warm} steps does not fit in num_train_steps={total}: cut to "
                  f"{warmup_steps(config)} steps (half the run)")
+  decay = float(config.optimizer.ema_decay)
+  if ema_decay(config) < decay:
+    d = ema_decay(config)
+    out.append(f"EMA decay {decay:g} (an average over ~{1 / (1 - decay):.0f} steps) is too long for "
+               f"num_train_steps={total}: cut to {d:.6g} (~{1 / (1 - d) if d < 1 else 0:.0f} steps, a third of the run)")
   return out

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
+from asff_jax import config as config_lib  # noqa: E402
 from asff_jax.data import loader  # noqa: E402
 from asff_jax.models import losses  # noqa: E402
 from asff_jax.training import sharding as shd  # noqa: E402
@@ -46,7 +47,7 @@ def measure(config_path: str, k: int = 10, rounds: int = 3) -> dict:
   args = argparse.Namespace(config=config_path, k=k, rounds=rounds)
   config, source, mesh, model, opt, shape = step_time.setup(args.config, devices=jax.devices()[:1])
   repl = shd.replicated(mesh)
-  ema = float(config.optimizer.ema_decay)
+  ema = config_lib.ema_decay(config)  # as the training loop's step
 
   def fresh():
     return create_train_state(model, opt.tx, jax.random.key(0), shape, sharding=repl, use_ema=ema > 0)

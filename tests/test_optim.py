@@ -289,3 +289,50 @@ def test_ema_warmup_ramp_in_the_train_step():
       np.testing.assert_allclose(np.asarray(state.params["w"]), w, rtol=1e-6)
       np.testing.assert_allclose(np.asarray(state.ema_params["w"]), ema, rtol=1e-5, atol=1e-7)
     assert int(state.step) == 5
+
+
+def test_ema_decay_cut_for_a_short_run_is_what_the_train_step_uses():
+  """A run shorter than 3 / (1 − ema_decay) steps averages over a third of itself: d = 1 − 3 / steps,
+  announced by ``schedule_fit_messages``; the training loop's step function uses that decay."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from asff_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from asff_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  from asff_jax.training.state import init_state  # pylint: disable=import-outside-toplevel
+
+  c = default_config()
+  c.optimizer.ema_decay = 0.999
+  for steps, want in ((3000, 0.999), (100_000, 0.999), (800, 1 - 3 / 800), (20, 0.85), (2, 0.0)):
+    c.num_train_steps = steps
+    assert config_lib.ema_decay(c) == pytest.approx(want, abs=1e-12)
+    cut = [m for m in config_lib.schedule_fit_messages(c) if "EMA decay" in m]
+    assert bool(cut) == (want < 0.999), (steps, cut)
+  c.num_train_steps = 800
+  (msg,) = [m for m in config_lib.schedule_fit_messages(c) if "EMA decay" in m]
+  assert "0.999" in msg and "~1000 steps" in msg and "0.99625" in msg and "~267 steps" in msg
+  c.optimizer.ema_decay = 0.0
+  assert config_lib.ema_decay(c) == 0.0 and not any("EMA" in m for m in config_lib.schedule_fit_messages(c))
+
+  # the loop's step function (make_train_step_fn) on a quadratic loss: EMA with the cut decay, τ = 0
+  config = ml_collections.ConfigDict({"seed": 0, "num_train_steps": 12,
+                                      "optimizer": {"ema_decay": 0.9, "ema_warmup_steps": 0}})
+  d = config_lib.ema_decay(config)
+  assert d == pytest.approx(0.75)
+  target = jnp.array([1.0, -2.0])
+
+  def loss_fn(variables, images, labels, **_):
+    loss = jnp.sum((variables["params"]["w"] - target) ** 2) + 0.0 * jnp.sum(images) + 0.0 * jnp.sum(labels)
+    return loss, {"batch_stats": variables["batch_stats"], "total": loss}
+
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  fn = step_lib.make_train_step_fn(model=None, config=config, tx=tx, lr_fn=lambda t: 0.1, loss_fn=loss_fn,
+                                   mesh=mesh)
+  state = init_state({"params": {"w": jnp.zeros(2)}, "batch_stats": {}}, tx, use_ema=True)
+  batch = {"images": jnp.zeros((1, 4, 4, 3)), "labels": jnp.zeros((1, 2, 5))}
+  w, ema = np.zeros(2), np.zeros(2)
+  for _ in range(3):
+    state, _ = fn(state, batch)
+    w = w - 0.1 * 2 * (w - np.asarray(target))
+    ema = d * ema + (1 - d) * w
+  np.testing.assert_allclose(np.asarray(state.ema_params["w"]), ema, rtol=1e-5, atol=1e-7)

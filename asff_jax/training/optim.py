@@ -47,7 +47,9 @@ Keys:
   smaller global batch than 64.
 * ``ema_decay``: EMA of the parameters (the official code has none): 0 = off.
   Evaluation uses the average when ``eval.use_ema`` (default); the BatchNorm
-  statistics stay the live model's.
+  statistics stay the live model's. A run shorter than three averaging
+  windows (``3 / (1 − ema_decay)`` steps) uses a decay cut to
+  ``1 − 3 / num_train_steps``, with a warning (:func:`asff_jax.config.ema_decay`).
 * ``ema_warmup_steps`` (τ): the decay at update t is
   ``ema_decay · (1 − exp(−t/τ))`` (:func:`asff_jax.training.step.ema_decay_at`),
   so early averages do not carry the random initialisation; 0 = constant decay;

@@ -193,7 +193,7 @@ def make_train_step_fn(*, model, config, tx, lr_fn, loss_fn: LossFn, mesh):
   One compiled function per distinct (static) DropBlock setting and input shape.
   """
   repl, data = shd.replicated(mesh), shd.data_sharded(mesh)
-  ema = float(config.optimizer.ema_decay)
+  ema = config_lib.ema_decay(config)  # optimizer.ema_decay, cut for runs shorter than 3 averaging windows
   ema_warmup = ema_warmup_for(config)
   compiled = {}
 
