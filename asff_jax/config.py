@@ -488,10 +488,17 @@ def ema_decay(config) -> float:
   """The EMA decay a run uses: ``optimizer.ema_decay``, cut so that the average spans ≤ a third of the run.
 
   An EMA with decay ``d`` averages over about ``1 / (1 − d)`` updates (0.999: ~1,000). A run shorter
-  than three times that would evaluate an average reaching back to its first, untrained steps (measured
-  on the notebook's 800-step CPU run: ``experiments/default_config.md``), so the decay is cut to ``1 − 3 / num_train_steps`` (floored at 0)
-  there and :func:`schedule_fit_messages` says so. Runs of ≥ 3 / (1 − d) steps (3,000 for 0.999) are
-  unchanged. 0 (no EMA) stays 0.
+  than three times that would evaluate an average reaching back to its first, untrained steps
+  (measured on the notebook's 800-step CPU run: ``experiments/default_config.md``), so the decay is
+  cut to ``1 − 3 / num_train_steps`` (floored at 0) there and :func:`schedule_fit_messages` says so.
+  Runs of ≥ 3 / (1 − d) steps (3,000 for 0.999) are unchanged. 0 (no EMA) stays 0; an unresolved
+  run length (``num_train_steps`` ≤ 0) leaves the decay as configured.
+
+  Args:
+    config: a resolved config (``optimizer.ema_decay``, ``num_train_steps``).
+
+  Returns:
+    The decay in [0, ``optimizer.ema_decay``].
   """
   decay = float(config.optimizer.ema_decay)
   total = int(config.get("num_train_steps", -1))
