@@ -19,7 +19,7 @@ from-scratch run of minutes on a CPU:
   targets to 1/C and the positive's to 1 − 1/C, mild at COCO's 80 classes
   (0.0125) and heavy at the digits' 10 (0.1 / 0.9);
 * the class term of the loss weighted × 2 (``loss.cls_weight``; the official
-  loss weights it 1): in a run of ~3 epochs the box is learned well before the
+  loss weights it 1): in a run of ~2.3 epochs the box is learned well before the
   digit's class, and the weight moves the class sooner;
 * model: width 1/4, stage blocks (1, 1, 2, 2, 1), 10 classes, the official
   anchors × 1.5 at a 256 px input (each digit lands on a finer level, where the
@@ -28,7 +28,7 @@ from-scratch run of minutes on a CPU:
   faster: more updates), a fixed 256 px input (every size would cost its own
   compilation), no mixup;
 * no geometric augmentation (no SSD crop, zoom-out, affine or flip; the
-  photometric distortion stays): in a run of ~3 epochs it slows the class more
+  photometric distortion stays): in a run of 2–3 epochs it slows the class more
   than it helps. ``configs/digits_aug.py`` is this recipe with the official
   geometric augmentation (the default until 2026-12-07, and the safer start for
   longer runs or one's own data);
