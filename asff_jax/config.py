@@ -532,9 +532,8 @@ def schedule_fit_messages(config) -> list[str]:
     if warm > warmup_steps(config):
       out.append(f"warm-up of {warm} steps does not fit in num_train_steps={total}: cut to "
                  f"{warmup_steps(config)} steps (half the run)")
-  decay = float(config.optimizer.ema_decay)
-  if ema_decay(config) < decay:
-    d = ema_decay(config)
+  decay, d = float(config.optimizer.ema_decay), ema_decay(config)
+  if d < decay:
     out.append(f"EMA decay {decay:g} (an average over ~{1 / (1 - decay):.0f} steps) is too long for "
                f"num_train_steps={total}: cut to {d:.6g} (~{1 / (1 - d) if d < 1 else 0:.0f} steps, a third of the run)")
   return out

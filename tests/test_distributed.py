@@ -102,6 +102,17 @@ def _params_rel_l2(got, want, previous) -> float:
   return (sq(got, want) / update) ** 0.5
 
 
+def _assert_same_training(workdir: Path, reference: Path):
+  """The run in ``workdir`` against the 1-device ``reference`` after STEPS steps (module docstring):
+  SyncBN's running statistics element-wise within 1e-5 of each leaf's magnitude, the parameters within
+  PARAMS_REL_L2 of the last update. Returns both restored states ``(got, want)``."""
+  got, want = _restore(workdir, STEPS), _restore(reference, STEPS)
+  _assert_stats_close(got["batch_stats"], want["batch_stats"], 1e-5)
+  rel = _params_rel_l2(got["params"], want["params"], _restore(reference, STEPS - 1)["params"])
+  assert rel <= PARAMS_REL_L2, rel
+  return got, want
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
   return tmp_path_factory.mktemp("jax_cache")
@@ -145,12 +156,8 @@ def test_eight_devices_equal_one_device(tmp_path, cache, single_device_run):
   r = subprocess.run([sys.executable, "-c", script], env=_env(8, cache), capture_output=True,
                      text=True, timeout=600, cwd=REPO)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
-  got, want = _restore(workdir, STEPS), _restore(single_device_run, STEPS)
-  # SyncBN: the running statistics (continuous in the parameters) agree element-wise;
-  # per-device statistics over 1 image would differ by > 1e-1 relative.
-  _assert_stats_close(got["batch_stats"], want["batch_stats"], 1e-5)
-  rel = _params_rel_l2(got["params"], want["params"], _restore(single_device_run, STEPS - 1)["params"])
-  assert rel <= PARAMS_REL_L2, rel
+  # per-device statistics over 1 image would differ by > 1e-1 relative
+  got, want = _assert_same_training(workdir, single_device_run)
   # the project's loader (evaluate / predict) reads the 8-device checkpoint on 1 device, unchanged
   from asff_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
   variables, step = checkpoints.load_variables(str(workdir))
@@ -193,10 +200,6 @@ def test_two_processes_equal_one_process(tmp_path, cache, single_device_run):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
   assert "process_count=2" in outs[0][1] or "num_processes=2" in outs[0][1]
-  got, want = _restore(workdir, STEPS), _restore(single_device_run, STEPS)
-  # SyncBN across processes: per-process statistics over 4 of the 8 images would differ by > 1e-2.
-  _assert_stats_close(got["batch_stats"], want["batch_stats"], 1e-5)
-  # Parameters: see the module docstring (a wrong row split or a missing cross-process gradient
-  # all-reduce changes the update by tens of percent).
-  rel = _params_rel_l2(got["params"], want["params"], _restore(single_device_run, STEPS - 1)["params"])
-  assert rel <= PARAMS_REL_L2, rel
+  # per-process statistics over 4 of the 8 images would differ by > 1e-2; a wrong row split or a
+  # missing cross-process gradient all-reduce changes the update by tens of percent
+  _assert_same_training(workdir, single_device_run)

@@ -243,13 +243,28 @@ def test_bf16_one_step(tmp_path):
   assert r.returncode == 0 and "BF16_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+def _quadratic_problem(n: int):
+  """``(target, loss_fn, tx, batch)``: ``loss = ||params.w − target||²`` (target of length ``n`` ≤ 3) in
+  ``train_step``'s loss signature, SGD at LR 0.1, a dummy batch. Plain SGD makes ``w`` after each step
+  ``w − 0.2 (w − target)``, so the tests can write the update (and the EMA) out in numpy."""
+  import optax  # pylint: disable=import-outside-toplevel
+  target = jnp.array([1.0, -2.0, 0.5][:n])
+
+  def loss_fn(variables, images, labels, **_):
+    loss = jnp.sum((variables["params"]["w"] - target) ** 2) + 0.0 * jnp.sum(images) + 0.0 * jnp.sum(labels)
+    return loss, {"batch_stats": variables["batch_stats"], "total": loss}
+
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  batch = {"images": jnp.zeros((1, 4, 4, 3)), "labels": jnp.zeros((1, 2, 5))}
+  return target, loss_fn, tx, batch
+
+
 def test_ema_warmup_ramp_in_the_train_step():
   """EMA of the parameters with the decay ramp d_t = decay·(1 − exp(−t/τ)), t = 1, 2, … (and τ = 0: constant).
 
   The real ``train_step`` on a quadratic loss, against the recurrence written out in numpy.
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   from asff_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from asff_jax.training.state import init_state  # pylint: disable=import-outside-toplevel
 
@@ -266,15 +281,8 @@ def test_ema_warmup_ramp_in_the_train_step():
   np.testing.assert_allclose(step_lib.ema_decay_at(1, 0.999, 2000.0), 0.999 * -math.expm1(-1 / 2000), rtol=1e-5)
   np.testing.assert_allclose(step_lib.ema_decay_at(20000, 0.999, 2000.0), 0.999 * (1 - math.exp(-10)), rtol=1e-6)
 
-  target = jnp.array([1.0, -2.0, 0.5])
-
-  def loss_fn(variables, images, labels, **_):
-    loss = jnp.sum((variables["params"]["w"] - target) ** 2) + 0.0 * jnp.sum(images) + 0.0 * jnp.sum(labels)
-    return loss, {"batch_stats": variables["batch_stats"], "total": loss}
-
-  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  target, loss_fn, tx, batch = _quadratic_problem(3)
   config = ml_collections.ConfigDict({"seed": 0})
-  batch = {"images": jnp.zeros((1, 4, 4, 3)), "labels": jnp.zeros((1, 2, 5))}
   for decay, tau in ((0.9, 2.0), (0.9, 0.0)):
     state = init_state({"params": {"w": jnp.zeros(3)}, "batch_stats": {}}, tx, use_ema=True)
     fn = jax.jit(lambda s, b, decay=decay, tau=tau: step_lib.train_step(
@@ -295,7 +303,6 @@ def test_ema_decay_cut_for_a_short_run_is_what_the_train_step_uses():
   """A run shorter than 3 / (1 − ema_decay) steps averages over a third of itself: d = 1 − 3 / steps,
   announced by ``schedule_fit_messages``; the training loop's step function uses that decay."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   from asff_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from asff_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from asff_jax.training.state import init_state  # pylint: disable=import-outside-toplevel
@@ -318,18 +325,11 @@ def test_ema_decay_cut_for_a_short_run_is_what_the_train_step_uses():
                                       "optimizer": {"ema_decay": 0.9, "ema_warmup_steps": 0}})
   d = config_lib.ema_decay(config)
   assert d == pytest.approx(0.75)
-  target = jnp.array([1.0, -2.0])
-
-  def loss_fn(variables, images, labels, **_):
-    loss = jnp.sum((variables["params"]["w"] - target) ** 2) + 0.0 * jnp.sum(images) + 0.0 * jnp.sum(labels)
-    return loss, {"batch_stats": variables["batch_stats"], "total": loss}
-
-  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  target, loss_fn, tx, batch = _quadratic_problem(2)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   fn = step_lib.make_train_step_fn(model=None, config=config, tx=tx, lr_fn=lambda t: 0.1, loss_fn=loss_fn,
                                    mesh=mesh)
   state = init_state({"params": {"w": jnp.zeros(2)}, "batch_stats": {}}, tx, use_ema=True)
-  batch = {"images": jnp.zeros((1, 4, 4, 3)), "labels": jnp.zeros((1, 2, 5))}
   w, ema = np.zeros(2), np.zeros(2)
   for _ in range(3):
     state, _ = fn(state, batch)
